@@ -1,0 +1,1 @@
+"""Datasets: simulator recordings (and, later, nuScenes) turned into training samples."""

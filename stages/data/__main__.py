@@ -1,0 +1,3 @@
+from stages.data.stage import main
+
+main()

@@ -1,0 +1,123 @@
+"""Stage 1 — pretrain: contrastive image–caption alignment of the vision and text encoders (CLIP-style).
+
+Captions describe what the camera sees (generated from simulator ground truth); the loss pulls
+each image towards its own caption and away from the others in the batch, with a learnable
+temperature. Held-out recall@1/@5 in both directions is reported beside the chance level.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from stages.common import resolve_device, seed_everything, stage_main, write_json
+from stages.config import PipelineConfig
+from stages.data.dataset import load_split
+from stages.resume import ResumePoint, fingerprint
+from stages.training import TokenCache, encoder_parameters, load_or_init, rng_state, save_checkpoint, set_rng_state
+
+log = logging.getLogger(__name__)
+
+
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                     captions: list[str]) -> torch.Tensor:
+    """Symmetric InfoNCE. Identical captions in one batch are all counted as positives."""
+    logits = logit_scale.exp().clamp(max=100.0) * img @ txt.t()
+    same = torch.tensor([[a == b for b in captions] for a in captions], device=img.device, dtype=img.dtype)
+    targets = same / same.sum(1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets.t()))
+
+
+@torch.no_grad()
+def retrieval_recall(model, images: np.ndarray, captions: np.ndarray, tokens: TokenCache,
+                     device: str, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Recall@k for image→text and text→image over pairs with distinct captions."""
+    _, first = np.unique(captions, return_index=True)
+    first = np.sort(first)[:512]
+    img = torch.from_numpy(images[first]).to(device)
+    txt = tokens([str(c) for c in captions[first]], device)
+    zi = torch.cat([model.encode_image(img[i:i + 128]) for i in range(0, len(img), 128)])
+    zt = torch.cat([model.encode_text(txt[i:i + 128]) for i in range(0, len(txt), 128)])
+    sim = zi @ zt.t()
+    n = len(first)
+    truth = torch.arange(n, device=device)
+    out: dict[str, float] = {"pairs": n}
+    for k in ks:
+        k_eff = min(k, n)
+        out[f"i2t_recall@{k}"] = (sim.topk(k_eff, dim=1).indices == truth[:, None]).any(1).float().mean().item()
+        out[f"t2i_recall@{k}"] = (sim.t().topk(k_eff, dim=1).indices == truth[:, None]).any(1).float().mean().item()
+        out[f"chance@{k}"] = k_eff / n
+    return out
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    p = cfg.pretrain
+    horizon, stride = cfg.model.trajectory_length, cfg.data.waypoint_stride
+    train = load_split(cfg.data.out, "train", horizon, stride)
+    val = load_split(cfg.data.out, "val", horizon, stride)
+
+    model = load_or_init(cfg, upstream=None).to(device)
+    tokens = TokenCache(model)
+    params = encoder_parameters(model)
+    optim = torch.optim.AdamW(params, lr=p.learning_rate, weight_decay=p.weight_decay)
+    resume = ResumePoint("pretrain", fingerprint(cfg.model, cfg.data, p, cfg.seed))
+    start_epoch, history = 0, []
+    if (state := resume.load()) is not None:
+        model.load_state_dict(state["model"])
+        optim.load_state_dict(state["optim"])
+        set_rng_state(state["rng"])
+        start_epoch, history = state["epoch"], state["history"]
+
+    n = len(train.actions)
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, p.epochs):
+        model.train()
+        order = np.random.permutation(n)
+        losses = []
+        bar = tqdm(range(0, n - 1, p.batch_size), desc=f"pretrain epoch {epoch + 1}/{p.epochs}", unit="batch")
+        for i in bar:
+            idx = order[i:i + p.batch_size]
+            if len(idx) < 2:
+                continue
+            caps = [str(c) for c in train.captions[idx]]
+            img = model.encode_image(torch.from_numpy(train.images[idx]).to(device))
+            txt = model.encode_text(tokens(caps, device))
+            loss = contrastive_loss(img, txt, model.logit_scale, caps)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optim.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        model.eval()
+        recall = retrieval_recall(model, val.images, val.captions, tokens, device)
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **recall})
+        log.info("pretrain epoch %d: loss %.3f, i2t@1 %.3f (chance %.3f)", epoch + 1, history[-1]["loss"],
+                 recall["i2t_recall@1"], recall["chance@1"])
+        resume.save({"model": model.state_dict(), "optim": optim.state_dict(), "rng": rng_state(),
+                     "epoch": epoch + 1, "history": history})
+
+    final = history[-1]
+    metrics = {k: v for k, v in final.items() if k != "epoch"}
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    save_checkpoint(model.cpu(), p.out, extra={"stage": "pretrain", "metrics": metrics})
+    write_json(Path(cfg.metrics_dir) / "pretrain.json", metrics)
+    write_json(Path(cfg.metrics_dir) / "pretrain_history.json", history)
+    resume.clear()
+    return {"paths": {"checkpoint": p.out}, "metrics": metrics}
+
+
+def main() -> None:
+    stage_main("pretrain", run, __doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+import pytest
+import yaml
+
+from stages.config import PRESETS, ConfigError, build_config, load_config, parse_override
+
+
+def test_presets_validate():
+    for name in PRESETS:
+        cfg = build_config(preset=name)
+        assert cfg.preset == name
+
+
+def test_layers_apply_in_order(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"preset": "smoke", "pretrain": {"epochs": 3}, "online": {"ppo": {"gamma": 0.9}}}))
+    cfg = load_config(params, overrides=["pretrain.epochs=5", "online.ppo.learning_rate=1e-3"])
+    assert cfg.preset == "smoke"
+    assert cfg.pretrain.epochs == 5            # --set beats params.yaml
+    assert cfg.online.ppo.gamma == 0.9         # params.yaml beats the preset
+    assert cfg.online.ppo.learning_rate == 1e-3
+    assert cfg.data.episodes == PRESETS["smoke"]["data"]["episodes"]  # the preset beats the defaults
+
+
+def test_preset_from_override_wins(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("preset: demo\n")
+    assert load_config(params, overrides=["preset=smoke"]).preset == "smoke"
+
+
+@pytest.mark.parametrize("override, key, fragment", [
+    ("online.ppo.gamma=1.5", "online.ppo.gamma", "less than or equal to 1"),
+    ("online.ppo.clip_epsilon=-0.1", "online.ppo.clip_epsilon", "greater than 0"),
+    ("model.size=huge", "model.size", "'tiny', 'small' or 'base'"),
+    ("env.scenario=moon", "env.scenario", "moon"),
+    ("pretrain.epochz=3", "pretrain.epochz", "unknown key"),
+    ("data.episodes=many", "data.episodes", "valid integer"),
+])
+def test_bad_values_name_key_value_and_rule(override, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        build_config(preset="smoke", overrides=[override])
+    message = str(info.value)
+    assert key in message
+    assert fragment in message
+
+
+def test_cross_field_rule_is_explained():
+    with pytest.raises(ConfigError, match="must be a multiple of num_envs"):
+        build_config(preset="smoke", overrides=["online.ppo.num_steps=33", "online.ppo.num_envs=2"])
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="allowed presets"):
+        build_config(preset="fast")
+
+
+def test_malformed_override_and_params(tmp_path):
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_override("online.total_timesteps")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(bad)
+
+
+def test_override_values_are_typed():
+    assert parse_override("a.b=3") == {"a": {"b": 3}}
+    assert parse_override("a=[1, 2]") == {"a": [1, 2]}
+    assert parse_override("a.b=true") == {"a": {"b": True}}
