@@ -1,0 +1,1 @@
+"""Prefect flows: the pipeline, scheduled retraining and promotion; and the `drivevla` command."""

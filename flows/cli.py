@@ -1,0 +1,79 @@
+"""The ``drivevla`` command: run the pipeline, one stage, or show the configuration."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from stages import STAGE_ORDER
+from stages.config import ConfigError, dump_config, load_config
+
+app = typer.Typer(help="drivevla: train a driving vision-language-action model, stage by stage.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="smoke | demo | carla (default: params.yaml's)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a value: --set online.total_timesteps=8192")]
+ParamsOpt = Annotated[str, typer.Option("--params", help="params file")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def pipeline(preset: PresetOpt = None, set_: SetOpt = None,
+             stage: Annotated[Optional[list[str]], typer.Option("--stage", help="run only these stages")] = None,
+             no_dvc: Annotated[bool, typer.Option("--no-dvc", help="call the stages directly, without DVC")] = False) -> None:
+    """Run the pipeline through the Prefect flow (data → pretrain → offline → online → export)."""
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    from flows.pipeline import pipeline as pipeline_flow
+
+    try:
+        results = pipeline_flow(preset=preset, overrides=set_ or [], stages=stage or None,
+                                use_dvc=False if no_dvc else None)
+    except ConfigError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(results, indent=2, default=str))
+
+
+@app.command("stage")
+def stage_cmd(name: Annotated[str, typer.Argument(help=f"one of {', '.join(STAGE_ORDER)}")],
+              preset: PresetOpt = None, set_: SetOpt = None, params: ParamsOpt = "params.yaml") -> None:
+    """Run a single stage directly (no Prefect, no DVC)."""
+    if name not in STAGE_ORDER:
+        _fail(f"unknown stage {name!r}; the stages are {', '.join(STAGE_ORDER)}")
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    from stages.common import setup_logging
+    from tasks.stage_tasks import stage_module
+
+    try:
+        cfg = load_config(params, preset=preset, overrides=set_ or [])
+    except ConfigError as exc:
+        _fail(str(exc))
+    setup_logging()
+    result = stage_module(name).run(cfg)
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@config_app.command("show")
+def config_show(preset: PresetOpt = None, set_: SetOpt = None, params: ParamsOpt = "params.yaml") -> None:
+    """Print the merged, validated configuration."""
+    try:
+        cfg = load_config(params, preset=preset, overrides=set_ or [])
+    except ConfigError as exc:
+        _fail(str(exc))
+    typer.echo(dump_config(cfg))
+
+
+def main() -> None:
+    app(prog_name="drivevla")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

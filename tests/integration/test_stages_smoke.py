@@ -1,0 +1,80 @@
+"""Every stage on the `smoke` preset, in order, in a scratch directory: the stages' own `run`."""
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from stages.config import build_config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("smoke")
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return build_config(preset="smoke")
+
+
+@pytest.fixture(autouse=True)
+def _in_workdir(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+
+
+def test_data(cfg, workdir):
+    from stages.data.stage import run
+
+    result = run(cfg)
+    manifest = json.loads((workdir / "data/sim/manifest.json").read_text())
+    assert len(manifest["episodes"]) == cfg.data.episodes
+    assert {e["split"] for e in manifest["episodes"]} == {"train", "val"}
+    assert result["metrics"]["steps"] > 0
+    with np.load(workdir / manifest["episodes"][0]["file"]) as z:
+        assert z["images"].dtype == np.uint8 and z["images"].shape[1:] == (cfg.env.image_size, cfg.env.image_size, 3)
+        assert len(z["captions"]) == len(z["actions"]) == len(z["rewards"])
+
+
+def test_data_resumes_recorded_episodes(cfg, workdir):
+    from stages.data.stage import run
+
+    first = workdir / "data/sim/episodes/ep-00000.npz"
+    before = first.stat().st_mtime_ns
+    run(cfg)
+    assert first.stat().st_mtime_ns == before, "an already recorded episode was recorded again"
+
+
+def test_pretrain(cfg, workdir):
+    from stages.pretrain import run
+
+    m = run(cfg)["metrics"]
+    assert (workdir / "checkpoints/pretrain/model.safetensors").exists()
+    assert 0.0 <= m["i2t_recall@1"] <= 1.0 and m["chance@1"] > 0
+    assert json.loads((workdir / "metrics/pretrain.json").read_text())["pairs"] == m["pairs"]
+
+
+def test_offline(cfg, workdir):
+    from stages.offline import run
+
+    m = run(cfg)["metrics"]
+    assert (workdir / "checkpoints/offline/config.json").exists()
+    assert np.isfinite(m["val_l2_mean"]) and np.isfinite(m["const_velocity_l2_mean"])
+
+
+def test_online(cfg, workdir):
+    from stages.online import run
+
+    m = run(cfg)["metrics"]
+    assert m["timesteps"] >= cfg.online.total_timesteps
+    assert 0.0 <= m["after_route_completion"] <= 1.0
+    assert (workdir / "checkpoints/online/model.safetensors").exists()
+
+
+def test_export(cfg, workdir):
+    from stages.export import run
+
+    m = run(cfg)["metrics"]
+    assert m["onnx_parity_passed"] and m["onnx_max_abs_error"] <= 1e-4
+    session = ort.InferenceSession(str(workdir / "exports/policy.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["image", "state", "tokens"]
