@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from infra.carla import (
-    CarlaServerConfig, CarlaServerError, CarlaServerManager, CarlaServerNotReady, DockerUnavailable,
+    CarlaServerConfig, CarlaServerManager, CarlaServerNotReady, DockerUnavailable,
     ServerEvent, carla_servers, connect_docker, managed_containers, reap_orphans)
 from infra.carla.manager import LABEL_FLOW_RUN_ID, LABEL_PID, _port_open
 from tests.stubs.build_stub_image import STUB_REPOSITORY, build_stub_image
@@ -261,6 +261,33 @@ def test_restart_after_n_episodes_and_above_memory_ceiling(docker_client, owner,
     assert leftovers(docker_client, owner) == []
 
 
+@pytest.mark.docker
+def test_a_process_attached_to_the_servers_restarts_them_without_double_restarts(docker_client, owner,
+                                                                                 make_config):
+    """The DVC path: the stage runs in a child process that counts episodes; the resource's process
+    owns the containers and watches them. One restart, seen by both, and only the owner removes."""
+    from infra.carla import ServerSupervisor, endpoints_from_env, endpoints_to_env
+
+    config = make_config(restart_every_episodes=1)
+    with carla_servers(config, version_probe=carla_version_probe) as owner_side:
+        adopted = []
+        owner_side.add_listener(adopted.append)
+        environ = {"DRIVEVLA_CARLA_SERVERS": endpoints_to_env(owner_side.endpoints)}
+        child = CarlaServerManager.attach(config, endpoints_from_env(environ), version_probe=carla_version_probe)
+        env_side = ServerSupervisor(child)
+        endpoint = env_side.episode_done(0)
+        assert endpoint is not None and endpoint.port == owner_side[0].port
+        assert child.restarts(0) == 1
+        deadline = time.monotonic() + 10
+        while not adopted and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [e.index for e in adopted] == [0], "the owner's watchdog did not follow the restart"
+        assert owner_side.restarts(0) == 0  # it followed, it did not restart again
+        child.stop()  # an attached manager never removes what it did not start
+        assert leftovers(docker_client, owner) == [owner_side[0].name]
+    assert leftovers(docker_client, owner) == []
+
+
 def _termination() -> BaseException:
     from prefect.exceptions import TerminationSignal
 
@@ -418,6 +445,36 @@ def test_prefect_flow_failing_inside_the_resource_removes_servers_and_logs_them(
     assert "starting" in text and "ready version 0.9.16" in text and "stopped" in text, text
     assert "Listening on rpc port" in text, text  # the server's own output reached the flow's log
 
+
+
+@pytest.mark.docker
+def test_run_stage_in_carla_runs_the_stage_while_the_servers_are_up(docker_client, owner, make_config, prefect_api,
+                                                                    tmp_path, monkeypatch):
+    from prefect import flow
+
+    from tasks import stage_tasks
+    from tasks.carla_resource import run_stage_in_carla
+
+    seen: dict[str, object] = {}
+
+    def stage(name, workdir=".", use_dvc=True, overrides=None, **kwargs):  # stands in for the online stage
+        seen["endpoints"] = json.loads(os.environ["DRIVEVLA_CARLA_SERVERS"])
+        seen["running"] = leftovers(docker_client, owner)
+        seen["kwargs"] = kwargs
+        return {"stage": name}
+
+    monkeypatch.setattr(stage_tasks.run_stage, "fn", stage)
+    (tmp_path / "params.yaml").write_text("preset: smoke\n")
+
+    @flow(name="carla-stage-test")
+    def pipeline_like() -> dict:
+        return run_stage_in_carla("online", workdir=str(tmp_path), use_dvc=False, timeout_s=60,
+                                  carla=make_config(num_servers=2).model_dump())
+
+    assert pipeline_like() == {"stage": "online"}
+    assert [e["version"] for e in seen["endpoints"]] == [VERSION, VERSION]
+    assert len(seen["running"]) == 2 and seen["kwargs"] == {"timeout_s": 60}
+    assert leftovers(docker_client, owner) == []
 
 # -- the command line ----------------------------------------------------------------------------
 
