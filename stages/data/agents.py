@@ -55,8 +55,9 @@ def other_vehicle_boxes(env: Any, with_ids: bool = False) -> np.ndarray:
     for v in base.road.vehicles:
         if v is ego:
             continue
-        x, y = float(v.position[0]), float(v.position[1])
-        row = [x, y, float(wrap_angle(float(v.heading))), float(v.LENGTH), float(v.WIDTH)]
+        # Right-handed like info["ego_pose"]: highway-env's y points to the driver's right.
+        x, y = float(v.position[0]), -float(v.position[1])
+        row = [x, y, float(wrap_angle(-float(v.heading))), float(v.LENGTH), float(v.WIDTH)]
         if with_ids:
             row.append(float(_track_id(v)))
         rows.append(row)

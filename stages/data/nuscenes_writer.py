@@ -14,10 +14,10 @@ Mapping of a drive (one `Episode`, or the dict of arrays `Episode.to_arrays` sav
   ``mini_train`` / ``mini_val`` for ``v1.0-mini`` (8 + 2 names, so at most 8 train and 2 val drives),
   ``train`` / ``val`` for ``v1.0-trainval``. The devkit's own split helpers (``create_splits_logs``)
   and our reader's ``split=`` then work unchanged. Names whose CAN bus the devkit refuses are skipped.
-- frames: the simulators drive in a left-handed world (highway-env and CARLA: y to the right of x,
-  positive yaw turns right). nuScenes' global and ego frames are right-handed (z up, y left), so with
-  ``left_handed=True`` (the default) y and yaw of poses and boxes are mirrored on the way out; images
-  are not (they are what the driver sees).
+- frames: our envs report poses right-handed (y left, yaw counter-clockwise), as nuScenes' global
+  and ego frames are, so they are written as they are. Poses taken straight from a left-handed
+  simulator (raw highway-env or CARLA: y to the right of x) need ``left_handed=True``, which mirrors
+  y and yaw of poses and boxes on the way out; images are not mirrored (they are what the driver sees).
 - CAN bus, at the simulator's rate (not the real 50 / 2 / 100 Hz): ``pose`` (pos, orientation, vel,
   accel, rotation_rate), ``vehicle_monitor`` (vehicle_speed km/h, yaw_rate deg/s, throttle 0..1000,
   brake 0..126, steering deg), ``steeranglefeedback`` (rad), ``route`` (the driven path) and ``meta``.
@@ -331,7 +331,7 @@ def write_nuscenes(
     splits: Sequence[str] | None = None,
     scene_names: Sequence[str] | None = None,
     dt: float = 0.1,
-    left_handed: bool = True,
+    left_handed: bool = False,
     annotation_range: float = 50.0,
     camera_fov_deg: float = 90.0,
     location: str = "drivevla-sim",

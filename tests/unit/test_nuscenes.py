@@ -200,7 +200,7 @@ def test_simulator_frame_is_mirrored_into_nuscenes(tmp_path: Path) -> None:
     # highway-env / CARLA: y to the right, positive yaw turns right. A positive yaw rate there is a right turn.
     sim_poses = motion(0.0, 0.0, 0.0, 0.2)
     root = write_nuscenes([episode(sim_poses, "turn right at the next intersection", 0)], tmp_path / "n",
-                          scene_names=["scene-0001"], version="v1.0-trainval")
+                          scene_names=["scene-0001"], version="v1.0-trainval", left_handed=True)
     s = read_nuscenes(root, "v1.0-trainval")
     want = expected_waypoints(0.2) * [1, -1]
     np.testing.assert_allclose(s.trajectories[0], want, atol=1e-3)
@@ -305,8 +305,8 @@ def test_other_vehicle_boxes_from_highway_env() -> None:
         boxes = other_vehicle_boxes(env)
         assert boxes.shape == (len(others), 5)
         v = others[0]
-        # Same frame as the backend's info["ego_pose"]: highway-env's own x, y, heading.
-        np.testing.assert_allclose(boxes[0], [v.position[0], v.position[1], v.heading, v.LENGTH, v.WIDTH], atol=1e-6)
+        # Same right-handed frame as the backend's info["ego_pose"]: highway-env's y and heading mirrored.
+        np.testing.assert_allclose(boxes[0], [v.position[0], -v.position[1], -v.heading, v.LENGTH, v.WIDTH], atol=1e-6)
         first = other_vehicle_boxes(env, with_ids=True)[:, 5]
         env.step(env.action_space.sample())
         assert np.array_equal(other_vehicle_boxes(env, with_ids=True)[:, 5], first)
