@@ -1,0 +1,178 @@
+"""SACTrainer on a tiny DrivingVLA in the embedded driving env: updates happen with finite losses,
+targets trail the critics, offline data mixes at the set ratio, frozen parts stay frozen, and the
+critic target bootstraps through truncation but not through termination."""
+import math
+from types import SimpleNamespace
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from models import DrivingVLA, DrivingVLAConfig
+from models.q_heads import TwinQHead
+from stages.envs import EnvConfig, make_env
+from stages.rl.configs import SACConfig
+from stages.rl.replay import ReplayBatch
+from stages.rl.sac import SACTrainer
+from stages.rl.sac_networks import MLPActor
+from stages.training import ENCODER_PREFIXES
+
+IMAGE = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The machine is shared: one intra-op thread is faster than two fighting for the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = make_env(EnvConfig(image_size=IMAGE, max_episode_steps=20), seed=0)
+    yield e
+    e.close()
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return DrivingVLA(DrivingVLAConfig.from_size("tiny", image_size=IMAGE, max_text_length=48))
+
+
+def _cfg(**kw):
+    base = dict(batch_size=8, learning_starts=8, buffer_size=400, learning_rate=1e-3)
+    return SACConfig(**{**base, **kw})
+
+
+def _snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def _changed(before, module, prefixes):
+    return {n for n, p in module.named_parameters() if n.startswith(prefixes) and not torch.equal(before[n], p)}
+
+
+def test_sac_updates_driving_model_with_finite_losses(env):
+    model = _model()
+    trainer = SACTrainer(model, env, _cfg(), seed=0)
+    model0, critic0, target0 = _snapshot(model), _snapshot(trainer.critic), _snapshot(trainer.critic_target)
+    stats = trainer.train(24)
+    assert trainer.global_step == 24
+    assert trainer.updates == 24 - 8 + 1  # one update per env step from learning_starts on
+    assert math.isfinite(stats["critic_loss"]) and math.isfinite(stats["actor_loss"])
+    assert _changed(model0, model, ("policy_head",)) and _changed(model0, model, ("fusion", "vision"))
+    assert _changed(critic0, trainer.critic, ("q1", "q2"))
+    # Targets moved, but only a tau-step toward the critics.
+    assert _changed(target0, trainer.critic_target, ("q1", "q2"))
+    assert not torch.equal(trainer.critic.q1.net[0].weight, trainer.critic_target.q1.net[0].weight)
+    assert trainer.episode_returns  # 24 steps of 20-step episodes: one ended
+
+
+def test_freeze_encoders_leaves_encoder_weights_unchanged(env):
+    model = _model()
+    trainer = SACTrainer(model, env, _cfg(freeze_encoders=True), seed=0)
+    before = _snapshot(model)
+    trainer.train(14)
+    assert trainer.updates > 0
+    assert not _changed(before, model, ENCODER_PREFIXES)
+    assert _changed(before, model, ("policy_head",)) and _changed(before, model, ("fusion",))
+
+
+def test_train_trunk_false_trains_the_heads_only(env):
+    model = _model()
+    trainer = SACTrainer(model, env, _cfg(train_trunk=False), seed=0)
+    before = _snapshot(model)
+    trainer.train(14)
+    changed = _changed(before, model, ("",))
+    assert changed and all(n.startswith("policy_head") for n in changed)
+
+
+def _offline_samples(n=60, episode_length=15):
+    rng = np.random.default_rng(0)
+    t = np.arange(n) % episode_length
+    return SimpleNamespace(
+        images=rng.integers(0, 255, (n, IMAGE, IMAGE, 3), dtype=np.uint8),
+        states=rng.normal(size=(n, 8)).astype(np.float32),
+        actions=rng.uniform([0, -1, 0], [1, 1, 1], (n, 3)).astype(np.float32),
+        rewards=rng.normal(size=n).astype(np.float32), dones=t == episode_length - 1,
+        terminated=t == episode_length - 1, commands=np.array(["follow the lane"] * n),
+        episode=np.arange(n) // episode_length)
+
+
+def test_offline_seeding_mixes_the_configured_ratio(env):
+    fractions = []
+    trainer = SACTrainer(_model(), env, _cfg(offline_ratio=0.25, learning_starts=4), seed=0,
+                         offline_data=_offline_samples())
+    assert trainer.buffer.offline_size == 60
+    original = trainer.update
+    trainer.update = lambda batch=None: (s := original(batch), fractions.append(s["offline_fraction"]))[0]
+    trainer.train(12)
+    assert len(fractions) == 9 and all(f == 0.25 for f in fractions)  # round(8 * 0.25) = 2 rows
+
+
+def test_alpha_is_tuned_toward_the_target_entropy_or_kept_fixed(env):
+    tuned = SACTrainer(_model(), env, _cfg(), seed=0)
+    stats = tuned.train(16)
+    # A fresh policy is far more random than the target (-3 nats): alpha must shrink.
+    assert stats["entropy"] > tuned.target_entropy and stats["alpha"] < 0.2
+    fixed = SACTrainer(_model(), env, _cfg(autotune_alpha=False, alpha=0.1), seed=0)
+    assert fixed.train(10)["alpha"] == pytest.approx(0.1)
+
+
+def test_utd_ratio_sets_updates_per_env_step(env):
+    trainer = SACTrainer(_model(), env, _cfg(utd_ratio=0.5, learning_starts=8), seed=0)
+    trainer.train(20)
+    assert trainer.updates == 6  # 13 steps from learning_starts on, half an update each
+
+
+def test_state_dict_round_trip_continues_the_same_run(env):
+    trainer = SACTrainer(_model(), env, _cfg(), seed=0)
+    trainer.train(12)
+    state = trainer.state_dict(include_buffer=True)
+    resumed = SACTrainer(_model(seed=1), env, _cfg(), seed=3)
+    resumed.load_state_dict(state)
+    assert (resumed.global_step, resumed.updates) == (12, trainer.updates)
+    assert resumed.buffer.online_size == trainer.buffer.online_size
+    for a, b in zip(trainer.critic.parameters(), resumed.critic.parameters()):
+        assert torch.equal(a, b)
+    resumed.train(16)
+    assert resumed.global_step == 16 and resumed.updates == trainer.updates + 4
+
+
+def _pendulum_trainer(**kw):
+    env = gym.make("Pendulum-v1")
+    trainer = SACTrainer(MLPActor.for_env(env, hidden_dim=16), env,
+                         SACConfig(batch_size=8, learning_starts=0, **kw), seed=0)
+    # Q heads that output a constant: the critic loss then shows the TD target itself.
+    for head, value in ((trainer.critic, 0.0), (trainer.critic_target, 5.0)):
+        for q in (head.q1, head.q2):
+            torch.nn.init.zeros_(q.net[-1].weight)
+            torch.nn.init.constant_(q.net[-1].bias, value)
+    return trainer
+
+
+def _batch(terminated):
+    obs = {"state": torch.randn(8, 3)}
+    return ReplayBatch(obs=obs, actions=torch.zeros(8, 1), rewards=torch.arange(8.0),
+                       next_obs={"state": torch.randn(8, 3)}, terminated=torch.full((8,), float(terminated)),
+                       offline=torch.zeros(8, dtype=torch.bool))
+
+
+def test_termination_cuts_the_bootstrap_and_truncation_does_not():
+    r = torch.arange(8.0)
+    trainer = _pendulum_trainer(gamma=0.9)
+    # critic 0 everywhere: loss = 0.5 * (mse + mse) = mean(target^2); terminated target = r.
+    assert trainer.update(_batch(terminated=True))["critic_loss"] == pytest.approx(float((r ** 2).mean()))
+    trainer = _pendulum_trainer(gamma=0.9, autotune_alpha=False, alpha=0.0)
+    # not terminated (a truncated step included): target = r + gamma * Q_target(s', a') = r + 0.9 * 5
+    assert trainer.update(_batch(terminated=False))["critic_loss"] == pytest.approx(float(((r + 4.5) ** 2).mean()))
+
+
+def test_twin_q_head_scales_actions_to_unit_box():
+    head = TwinQHead(4, (0.0, -1.0, 0.0), (1.0, 1.0, 1.0), hidden_dim=8)
+    np.testing.assert_allclose(head.normalize_action(torch.tensor([[1.0, 0.0, 0.5]])), [[1.0, 0.0, 0.0]])
+    q1, q2 = head(torch.randn(5, 4), torch.rand(5, 3))
+    assert q1.shape == q2.shape == (5,) and not torch.equal(q1, q2)
