@@ -1,0 +1,384 @@
+"""Evaluate: closed-loop driving of a checkpoint on held-out seeds and scenarios.
+
+The policy (its deterministic mode by default) drives ``evaluate.episodes`` whole episodes in each of
+``evaluate.scenarios`` (default: ``env.scenario`` alone), seeded ``seed + evaluate.seed_offset + i``:
+seeds no other stage uses (training uses ``seed + i``, the online stage's before/after figures
+``seed + 1_000_000 + i``). Each episode is scored as the CARLA leaderboard scores a route (route
+completion x infraction penalty, `stages.metrics.driving_score`), and the run reports
+
+- ``metrics/evaluate.json``: ``driving_score``, ``route_completion``, ``infraction_penalty``,
+  ``collisions_per_km``, ``infractions_per_km`` (+ by type), ``mean_speed`` (m/s), ``km_driven``,
+  ``done_reasons``, ``episodes``, and the same per scenario under ``scenarios``;
+- ``<plots_dir>/evaluate_scores.png``: per-scenario bars of route completion, infraction penalty and
+  driving score, and of collisions and infractions per km;
+- ``<plots_dir>/evaluate_strip.png``: frames of the first episode of the first scenario, with the
+  time, speed and command under each;
+- ``<out>/``: ``episodes.json`` (every episode's record, the config and the checkpoint's digest) and
+  ``episode.gif`` (the same episode, animated).
+
+A killed run resumes from ``runs/evaluate/`` and skips the episodes it has already driven.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from tqdm.auto import tqdm
+
+from stages.common import StageInputError, resolve_device, seed_everything, stage_main, staged_dir, write_json
+from stages.envs.config import ScenarioName
+from stages.metrics.driving_score import summarise
+from stages.resume import ResumePoint, fingerprint
+
+log = logging.getLogger(__name__)
+
+STAGE = "evaluate"
+DEFAULT_SEED_OFFSET = 2_000_000
+SCORES_PLOT = "evaluate_scores.png"
+STRIP_PLOT = "evaluate_strip.png"
+EPISODES_FILE = "episodes.json"
+GIF_FILE = "episode.gif"
+GIF_SIDE = 192            # px: frames are scaled up (nearest) to about this side in the GIF
+
+
+class EvaluateParams(BaseModel):
+    """The ``evaluate`` section of the pipeline config."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    checkpoint: str = Field("checkpoints/online", description="a DrivingVLA checkpoint folder (save_pretrained)")
+    scenarios: list[ScenarioName] | None = Field(None, min_length=1, description="None: [env.scenario]")
+    episodes: int = Field(2, ge=1, le=10_000, description="episodes per scenario")
+    seed_offset: int = Field(DEFAULT_SEED_OFFSET, ge=0, description="episode i runs seed + seed_offset + i")
+    deterministic: bool = Field(True, description="drive the policy's mode (False: sample actions)")
+    blocked_seconds: float | None = Field(10.0, gt=0, description="end an episode after standing still "
+                                                                  "this long (the leaderboard's blocked "
+                                                                  "test); None: never")
+    out: str = Field("reports/evaluate", description="episode records and the animated episode")
+    plots_dir: str = Field("plots", description="where evaluate_scores.png and evaluate_strip.png go")
+    strip_frames: int = Field(8, ge=2, le=32, description="frames in the image strip")
+    gif: bool = Field(True, description="write the strip's episode as an animated GIF")
+    gif_max_frames: int = Field(120, ge=2, le=2000, description="frames kept for the GIF (evenly spaced)")
+    cpu_threads: int | None = Field(1, ge=1, description="torch CPU threads while driving (one observation "
+                                                         "at a time); None: torch's default")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvaluateParams:
+        if self.scenarios is not None and len(set(self.scenarios)) != len(self.scenarios):
+            raise ValueError(f"scenarios={self.scenarios} lists a scenario twice")
+        if self.gif_max_frames < self.strip_frames:
+            raise ValueError(f"gif_max_frames={self.gif_max_frames} must be >= strip_frames={self.strip_frames} "
+                             "(the strip is drawn from the kept frames)")
+        return self
+
+
+try:
+    # The pipeline config's own section wins once stages/config.py holds it (the class above is the
+    # proposal for it); until then the stage validates its section itself.
+    from stages.config import EvaluateParams  # noqa: F811
+except ImportError:
+    pass
+
+
+# What the presets change (until `stages.config` holds the section): smoke ~10 s, demo ~1 min.
+EVALUATE_PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {"scenarios": ["highway", "urban"], "episodes": 1, "strip_frames": 6, "gif_max_frames": 30},
+    "demo": {"scenarios": ["highway", "urban", "night", "rain"], "episodes": 2},
+    "carla": {"scenarios": ["urban", "highway", "night", "rain"], "episodes": 10, "blocked_seconds": 180.0},
+}
+
+
+def evaluate_params(cfg: Any) -> EvaluateParams:
+    """The config's ``evaluate`` section, or this preset's defaults when the config has none."""
+    section = getattr(cfg, "evaluate", None)
+    if section is not None:
+        return section if isinstance(section, EvaluateParams) else EvaluateParams.model_validate(
+            section.model_dump() if hasattr(section, "model_dump") else section)
+    return EvaluateParams.model_validate(EVALUATE_PRESETS.get(getattr(cfg, "preset", "demo"), {}))
+
+
+# ------------------------------------------------------------------------------------------------
+# The stage
+# ------------------------------------------------------------------------------------------------
+
+def run(cfg: Any, params: EvaluateParams | None = None) -> dict[str, Any]:
+    from stages.envs import make_env
+    from stages.rl.evaluation import rollout_policy, step_seconds, torch_threads
+
+    p = params or evaluate_params(cfg)
+    scenarios = list(p.scenarios or [cfg.env.scenario])
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    checkpoint = Path(p.checkpoint)
+    model = _load_checkpoint(checkpoint, cfg.env.image_size, device)
+    digest = checkpoint_digest(checkpoint)
+
+    resume = ResumePoint(STAGE, fingerprint(p.model_copy(update={"out": "", "plots_dir": ""}), cfg.env,
+                                            cfg.seed, digest))
+    state = resume.load() or {"records": {}, "media": None}
+    records: dict[str, dict[str, Any]] = state["records"]
+    media: dict[str, Any] | None = state["media"]
+    seeds = [cfg.seed + p.seed_offset + i for i in range(p.episodes)]
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(scenarios) * p.episodes, initial=len(records), desc="evaluate", unit="ep")
+    threads = p.cpu_threads if str(device).startswith("cpu") else None
+    for s_index, scenario in enumerate(scenarios):
+        todo = [(i, seed) for i, seed in enumerate(seeds) if f"{scenario}/{i}" not in records]
+        if not todo:
+            continue
+        env = make_env(cfg.env.model_copy(update={"scenario": scenario}), seed=seeds[0])
+        try:
+            dt = step_seconds(env)
+            blocked = None if p.blocked_seconds is None else max(1, round(p.blocked_seconds / dt))
+            for i, seed in todo:
+                film = s_index == 0 and i == 0
+                with torch_threads(threads):
+                    r = rollout_policy(model, env, seed, deterministic=p.deterministic, device=device,
+                                       keep_frames=film, max_blocked_steps=blocked)
+                if film:
+                    media = _keep_media(r, p.gif_max_frames, dt)
+                record = {k: v for k, v in r.items() if k not in ("frames", "frame_info")}
+                record.update(scenario=scenario, episode=i)
+                records[f"{scenario}/{i}"] = record
+                resume.save({"records": records, "media": media})
+                bar.set_postfix(scenario=scenario, rc=f"{r['route_completion']:.2f}", end=r["done_reason"])
+                bar.update(1)
+                log.info("evaluate %s episode %d (seed %d): route completion %.3f, %s, %d steps", scenario, i,
+                         seed, r["route_completion"], r["done_reason"], r["steps"])
+        finally:
+            env.close()
+    bar.close()
+
+    ordered = [records[f"{s}/{i}"] for s in scenarios for i in range(p.episodes)]
+    per_scenario = {s: summarise([r for r in ordered if r["scenario"] == s]) for s in scenarios}
+    metrics = {**summarise(ordered), "scenarios": per_scenario, "seconds": round(time.perf_counter() - t0, 2)}
+
+    plots_dir = Path(p.plots_dir)
+    scores_png = plot_scores(per_scenario, metrics, plots_dir / SCORES_PLOT,
+                             title=f"{checkpoint} on held-out seeds ({p.episodes} per scenario)")
+    strip_png = plot_strip(media, plots_dir / STRIP_PLOT, p.strip_frames) if media else None
+    with staged_dir(p.out) as tmp:
+        write_json(tmp / EPISODES_FILE, {
+            "checkpoint": str(checkpoint), "checkpoint_sha256": digest, "seeds": seeds,
+            "scenarios": scenarios, "params": p.model_dump(mode="json"), "env": cfg.env.model_dump(mode="json"),
+            "episodes": ordered})
+        if p.gif and media:
+            write_gif(media, tmp / GIF_FILE)
+    write_json(Path(cfg.metrics_dir) / f"{STAGE}.json", metrics)
+    resume.clear()
+    log.info("evaluate: driving score %.3f, route completion %.3f over %d episodes", metrics["driving_score"],
+             metrics["route_completion"], metrics["episodes"])
+    paths = {"report": p.out, "metrics": str(Path(cfg.metrics_dir) / f"{STAGE}.json"), "scores_plot": str(scores_png)}
+    if strip_png is not None:
+        paths["strip"] = str(strip_png)
+    if p.gif and media:
+        paths["gif"] = str(Path(p.out) / GIF_FILE)
+    return {"paths": paths, "metrics": metrics}
+
+
+def _load_checkpoint(path: Path, image_size: int, device: str) -> Any:
+    from models import DrivingVLA
+
+    if not (path / "config.json").is_file():
+        raise StageInputError(f"checkpoint {path} not found (no config.json): run the online stage first, "
+                              "or point --set evaluate.checkpoint=DIR at a folder written by save_pretrained")
+    try:
+        model = DrivingVLA.from_pretrained(path, map_location=device)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise StageInputError(f"checkpoint {path} cannot be loaded: {exc}") from exc
+    if model.config.image_size != image_size:
+        raise StageInputError(f"checkpoint {path} expects {model.config.image_size}px images but env.image_size="
+                              f"{image_size}: evaluate with --set env.image_size={model.config.image_size}")
+    return model.eval()
+
+
+def checkpoint_digest(path: Path) -> str:
+    """sha256 over the checkpoint's files (a changed checkpoint restarts a resumed evaluation)."""
+    h = hashlib.sha256()
+    for f in sorted(q for q in path.iterdir() if q.is_file()):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _keep_media(r: dict[str, Any], max_frames: int, dt: float) -> dict[str, Any]:
+    """At most ``max_frames`` evenly spaced frames (the last one included) with their captions."""
+    n = len(r["frames"])
+    idx = np.unique(np.linspace(0, n - 1, min(n, max_frames)).round().astype(int))
+    return {"frames": np.stack([r["frames"][i] for i in idx]), "frame_info": [r["frame_info"][i] for i in idx],
+            "scenario": r["scenario"], "seed": r["seed"], "done_reason": r["done_reason"],
+            "route_completion": r["route_completion"], "frame_seconds": dt * (n - 1) / max(len(idx) - 1, 1)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+# ------------------------------------------------------------------------------------------------
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_scores(per_scenario: dict[str, dict[str, Any]], overall: dict[str, Any], path: str | Path,
+                title: str = "") -> Path:
+    """Per-scenario (and overall) bars: route completion, infraction penalty, driving score; and
+    collisions and infractions per km, with the mean speed under each scenario's name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {**per_scenario, "all": overall}
+    names = list(groups)
+    labels = [f"{n}\n{groups[n]['mean_speed']:.1f} m/s" for n in names]
+    x = np.arange(len(names))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(8.0, 2.6 * len(names)), 4.2))
+    for k, (key, label) in enumerate([("route_completion", "route completion"),
+                                      ("infraction_penalty", "infraction penalty"),
+                                      ("driving_score", "driving score")]):
+        values = [groups[n][key] for n in names]
+        bars = left.bar(x + (k - 1) * 0.26, values, 0.26, label=label)
+        left.bar_label(bars, fmt="%.2f", fontsize=7)
+    left.set_ylim(0, 1.3)
+    left.set_ylabel("fraction (leaderboard x 100 = %)")
+    for k, (key, label) in enumerate([("collisions_per_km", "collisions / km"),
+                                      ("infractions_per_km", "infractions / km")]):
+        bars = right.bar(x + (k - 0.5) * 0.36, [groups[n][key] for n in names], 0.36, label=label)
+        right.bar_label(bars, fmt="%.1f", fontsize=7)
+    right.set_ylabel("events per km driven")
+    top = max([groups[n][k] for n in names for k in ("collisions_per_km", "infractions_per_km")] + [0.0])
+    right.set_ylim(0, max(1.0, 1.25 * top))
+    for ax in (left, right):
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", ncol=3, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save_figure(fig, Path(path))
+
+
+def plot_strip(media: dict[str, Any], path: str | Path, count: int = 8) -> Path:
+    """``count`` evenly spaced frames of the filmed episode, time, speed and command under each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames, info = media["frames"], media["frame_info"]
+    idx = np.unique(np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int))
+    fig, axes = plt.subplots(1, len(idx), figsize=(1.9 * len(idx), 2.9), squeeze=False)
+    for ax, i in zip(axes[0], idx):
+        ax.imshow(frames[i], interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        f = info[i]
+        command = textwrap.fill(f["command"], 26)
+        ax.set_xlabel(f"t={f['t']:.1f} s  {f['speed']:.1f} m/s\n{command}", fontsize=7)
+    fig.suptitle(f"{media['scenario']} (seed {media['seed']}): ended by {media['done_reason'] or 'n/a'}, "
+                 f"route completion {media['route_completion']:.2f}", fontsize=9)
+    fig.tight_layout()
+    return _save_figure(fig, Path(path))
+
+
+def write_gif(media: dict[str, Any], path: str | Path) -> Path:
+    """The filmed episode as an animated GIF (frames scaled up, a caption band under each)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    frames = media["frames"]
+    side = frames.shape[1]
+    scale = max(1, GIF_SIDE // side)
+    try:
+        font = ImageFont.load_default(size=11)
+    except TypeError:                      # Pillow without FreeType sizing
+        font = ImageFont.load_default()
+    band = 30
+    images = []
+    for frame, f in zip(frames, media["frame_info"]):
+        img = Image.fromarray(frame).resize((side * scale, side * scale), Image.NEAREST)
+        canvas = Image.new("RGB", (img.width, img.height + band), (20, 20, 20))
+        canvas.paste(img, (0, 0))
+        draw = ImageDraw.Draw(canvas)
+        draw.text((4, img.height + 2), f"t={f['t']:.1f}s  {f['speed']:.1f} m/s", fill=(255, 255, 255), font=font)
+        draw.text((4, img.height + 15), f["command"][:40], fill=(255, 220, 120), font=font)
+        images.append(canvas.convert("P", palette=Image.ADAPTIVE))
+    path = Path(path)
+    duration = max(20, int(round(1000 * media["frame_seconds"])))
+    images[0].save(path, save_all=True, append_images=images[1:], duration=duration, loop=0)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+def main() -> None:
+    from stages.config import PipelineConfig
+
+    if "evaluate" in PipelineConfig.model_fields:
+        stage_main(STAGE, run, __doc__.splitlines()[0])
+        return
+    _main_without_section()
+
+
+def _main_without_section() -> None:
+    """``stage_main`` for a config that has no ``evaluate`` section yet: the ``evaluate`` part of
+    params.yaml and of ``--set`` is validated here, the rest by the pipeline config."""
+    from stages.common import _jsonable, setup_logging
+    from stages.config import ConfigError, build_config, deep_merge, parse_override
+
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{STAGE}", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--preset", default=None, help="smoke | demo | carla (default: from params file)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one value, e.g. --set evaluate.checkpoint=checkpoints/offline (repeatable)")
+    args = parser.parse_args()
+    setup_logging()
+    try:
+        raw: dict[str, Any] = {}
+        if args.params and Path(args.params).exists():
+            raw = yaml.safe_load(Path(args.params).read_text()) or {}
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{args.params}: expected a mapping of sections, got {type(raw).__name__}")
+        section = raw.pop(STAGE, None) or {}
+        ours = [o for o in args.overrides if o.strip().startswith(f"{STAGE}.")]
+        rest = [o for o in args.overrides if o not in ours]
+        cfg = build_config(raw, preset=args.preset, overrides=rest)
+        merged = deep_merge(EVALUATE_PRESETS.get(cfg.preset, {}), section)
+        for text in ours:
+            merged = deep_merge(merged, parse_override(text)[STAGE])
+        try:
+            params = EvaluateParams.model_validate(merged)
+        except ValidationError as exc:
+            lines = [f"  - {'.'.join([STAGE, *(str(x) for x in e['loc'])])} = {e.get('input')!r}: {e['msg']}"
+                     for e in exc.errors()]
+            raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+    except (ConfigError, yaml.YAMLError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    try:
+        result = run(cfg, params)
+    except (FileNotFoundError, StageInputError) as exc:
+        parser.exit(1, f"error: {exc}\n")
+    print(json.dumps(result.get("metrics", result), indent=2, default=_jsonable))
+
+
+if __name__ == "__main__":
+    main()
