@@ -16,6 +16,15 @@ app = typer.Typer(help="drivevla: train a driving vision-language-action model, 
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
+
+def _mount_subcommands() -> None:
+    from flows.carla_cli import carla_app
+
+    from flows.ops_cli import ops_app
+
+    app.add_typer(carla_app, name="carla")
+    app.add_typer(ops_app)  # drivevla serve / drivevla promote [--rollback]
+
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="smoke | demo | carla (default: params.yaml's)")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a value: --set online.total_timesteps=8192")]
 ParamsOpt = Annotated[str, typer.Option("--params", help="params file")]
@@ -69,6 +78,9 @@ def config_show(preset: PresetOpt = None, set_: SetOpt = None, params: ParamsOpt
     except ConfigError as exc:
         _fail(str(exc))
     typer.echo(dump_config(cfg))
+
+
+_mount_subcommands()
 
 
 def main() -> None:

@@ -1,55 +1,166 @@
-"""The training pipeline as a Prefect flow: data → pretrain → offline → online → export.
+"""The training pipeline as a Prefect flow: data → pretrain → offline → online → export (and any other
+stage ``dvc.yaml`` declares, in its order, e.g. ``evaluate``).
 
-Parameters given to the flow (a preset, ``a.b=c`` overrides) are written into ``params.yaml`` before
-anything runs — like ``dvc exp run --set-param`` — so DVC records exactly what produced each output.
-The whole config is validated first; a bad value fails the flow before any stage starts.
+Parameters given to the flow (a preset, a simulator backend, ``a.b=c`` overrides) are written into
+``params.yaml`` before anything runs — like ``dvc exp run --set-param`` — so DVC records exactly what
+produced each output. The whole config is validated first; a bad value fails the flow before any stage
+starts.
+
+Each stage is a cached Prefect task keyed on DVC's view of the stage (see ``tasks/stage_tasks.py``):
+a re-run with nothing changed skips every stage in seconds, and a change reruns exactly the stages
+DVC sees as affected. Every run leaves a Prefect artifact per stage (metrics table, plots, links to
+the DVC outputs) and a lineage summary (git commit, ``dvc.lock`` hashes, params), and writes the same
+summary to ``runs/pipeline/summary.json``.
 """
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Literal
 
 import yaml
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel
 
 from stages import STAGE_ORDER
-from stages.config import ConfigError, build_config, deep_merge, parse_override
-from tasks.stage_tasks import run_stage
+from stages.common import write_json
+from stages.config import ConfigError, PresetName, build_config, deep_merge, parse_override
+from tasks.dvc_tasks import dvc_push, dvc_yaml_stages, lineage
+from tasks.stage_tasks import DEFAULT_STAGE_TIMEOUT_S, run_stage, stage_report_markdown, stage_state
+
+SUMMARY_FILE = Path("runs") / "pipeline" / "summary.json"
+SimBackend = Literal["highway", "carla"]
 
 
-def apply_params(params_file: Path, preset: str | None, overrides: list[str]) -> None:
-    """Validate, then write the preset and overrides into ``params_file``."""
+def apply_params(params_file: Path, preset: str | None, overrides: list[str],
+                 required: Iterable[str] = ()) -> None:
+    """Validate, then write the preset, the overrides and any ``required`` top-level key that is
+    missing (a section as ``{}``, a value as its default) into ``params_file``.
+
+    ``required`` are the params ``dvc.yaml`` tracks: DVC refuses a params key absent from the file.
+    """
     raw = yaml.safe_load(params_file.read_text()) if params_file.exists() else {}
     raw = raw or {}
+    before = json.dumps(raw, sort_keys=True)
     if preset:
         raw["preset"] = preset
     for text in overrides:
         raw = deep_merge(raw, parse_override(text))
-    build_config(dict(raw))  # raises ConfigError before anything is written
-    if preset or overrides:
+    cfg = build_config(dict(raw))  # raises ConfigError before anything is written
+    defaults = cfg.model_dump(mode="json")
+    for key in required:
+        if key not in raw and key in defaults:
+            raw[key] = {} if isinstance(getattr(cfg, key), BaseModel) else defaults[key]
+    if json.dumps(raw, sort_keys=True) != before:
         params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-@flow(name="drivevla-pipeline", log_prints=True)
-def pipeline(preset: str | None = None, overrides: list[str] | None = None,
-             stages: list[str] | None = None, workdir: str = ".", use_dvc: bool | None = None) -> dict[str, Any]:
-    """Run the stages in order and return each stage's metrics."""
+def tracked_params(root: Path) -> list[str]:
+    """The top-level params.yaml keys that dvc.yaml's stages track."""
+    data = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
+    keys: list[str] = []
+    for spec in (data.get("stages") or {}).values():
+        for item in spec.get("params", []):
+            names = [item] if isinstance(item, str) else \
+                [k for v in item.values() for k in (v or [])] if isinstance(item, dict) else []
+            keys += [n.split(".")[0] for n in names if n.split(".")[0] not in keys]
+    return keys
+
+
+def _reap_carla(flow: Any, flow_run: Any, state: Any) -> None:
+    """``on_cancellation`` / ``on_crashed``: remove CARLA containers this run started (if any)."""
+    try:
+        from tasks.carla_resource import reap_flow_run_servers
+    except ImportError:
+        return
+    reap_flow_run_servers(flow, flow_run, state)
+
+
+@flow(name="drivevla-pipeline", log_prints=True, on_cancellation=[_reap_carla], on_crashed=[_reap_carla])
+def pipeline(preset: PresetName | None = None, overrides: list[str] | None = None,
+             stages: list[str] | None = None, workdir: str = ".", use_dvc: bool | None = None,
+             sim_backend: SimBackend | None = None, stage_timeouts: dict[str, float] | None = None,
+             push_remote: str | None = None) -> dict[str, Any]:
+    """Run the stages in order and return each stage's metrics.
+
+    preset: smoke | demo | carla (default: params.yaml's). overrides: ``key.path=value`` strings.
+    stages: run only these. sim_backend: highway | carla (sets ``env.backend``). stage_timeouts:
+    seconds per stage name (default 12 h). push_remote: ``dvc push -r`` this remote after the run.
+    """
     logger = get_run_logger()
     root = Path(workdir).resolve()
     overrides = list(overrides or [])
-    selected = list(stages or STAGE_ORDER)
-    unknown = sorted(set(selected) - set(STAGE_ORDER))
-    if unknown:
-        raise ConfigError(f"unknown stage(s) {unknown}; the stages are {list(STAGE_ORDER)}")
+    if sim_backend:
+        overrides.append(f"env.backend={sim_backend}")
     if use_dvc is None:
         use_dvc = (root / ".dvc").is_dir() and (root / "dvc.yaml").exists()
+    order = [s for s in dvc_yaml_stages(root)] if use_dvc else list(STAGE_ORDER)
+    selected = list(stages or order)
+    unknown = sorted(set(selected) - set(order))
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; the stages are {order}")
     if use_dvc:
-        apply_params(root / "params.yaml", preset, overrides)
+        apply_params(root / "params.yaml", preset, overrides, required=tracked_params(root))
     elif preset:
         overrides = [f"preset={preset}", *overrides]
+    timeouts = {name: DEFAULT_STAGE_TIMEOUT_S for name in order} | dict(stage_timeouts or {})
+
     results: dict[str, Any] = {}
-    for name in STAGE_ORDER:
-        if name in selected:
-            results[name] = run_stage(name, workdir=str(root), use_dvc=use_dvc, overrides=overrides)
-            logger.info("stage %s done: %s", name, results[name])
+    report: dict[str, Any] = {}
+    t_start = time.perf_counter()
+    for name in order:
+        if name not in selected:
+            continue
+        t0 = time.perf_counter()
+        up_to_date = stage_state(str(root), name)["up_to_date"] if use_dvc else False
+        task = run_stage.with_options(refresh_cache=not up_to_date) if use_dvc else run_stage
+        if name == "online" and _uses_carla(root, overrides) and not up_to_date:
+            from tasks.carla_resource import run_stage_in_carla
+
+            state = run_stage_in_carla(name, workdir=str(root), use_dvc=use_dvc, overrides=overrides,
+                                       return_state=True)
+        else:
+            state = task(name, workdir=str(root), use_dvc=use_dvc, overrides=overrides,
+                         timeout_s=timeouts[name], return_state=True)
+        metrics = state.result()  # raises the stage's error when it failed
+        cached = state.name == "Cached"
+        results[name] = metrics
+        report[name] = {"status": "skipped" if cached else "ran", "seconds": round(time.perf_counter() - t0, 2)}
+        logger.info("stage %s %s in %.1f s: %s", name, report[name]["status"], report[name]["seconds"], metrics)
+        create_markdown_artifact(key=f"stage-{name}", markdown=stage_report_markdown(str(root), name, metrics, cached),
+                                 description=f"drivevla stage {name}: metrics and DVC outputs")
+
+    if push_remote and use_dvc:
+        dvc_push(str(root), remote=push_remote)
+    summary = {"stages": report, "seconds": round(time.perf_counter() - t_start, 2),
+               "lineage": lineage(root) if use_dvc else {}}
+    write_json(root / SUMMARY_FILE, summary)
+    create_markdown_artifact(key="lineage", markdown=lineage_markdown(summary),
+                             description="drivevla pipeline lineage: git commit, dvc.lock hashes, params")
     return results
+
+
+def _uses_carla(root: Path, overrides: list[str]) -> bool:
+    try:
+        from stages.config import load_config
+
+        return load_config(root / "params.yaml", overrides=overrides).env.backend == "carla"
+    except ConfigError:
+        return False
+
+
+def lineage_markdown(summary: dict[str, Any]) -> str:
+    lin = summary.get("lineage", {})
+    git = lin.get("git", {})
+    lines = ["## drivevla pipeline run", "", f"- git commit: `{git.get('commit')}`"
+             + (f" (uncommitted: {', '.join(git['dirty_files'])})" if git.get("dirty_files") else ""),
+             f"- dvc.lock sha256: `{lin.get('dvc_lock_sha256')}`", f"- total: {summary.get('seconds')} s", "",
+             "| stage | status | seconds | outputs (md5 in dvc.lock) |", "|---|---|---|---|"]
+    for name, info in summary.get("stages", {}).items():
+        outs = ", ".join(f"`{p}` `{h[:12]}`" for p, h in lin.get("outs", {}).get(name, {}).items())
+        lines.append(f"| {name} | {info['status']} | {info['seconds']} | {outs} |")
+    lines += ["", "### params.yaml", "", "```yaml", yaml.safe_dump(lin.get("params", {}), sort_keys=False).rstrip(),
+              "```"]
+    return "\n".join(lines) + "\n"

@@ -3,7 +3,7 @@ published copies of each version on S3 with a ``prod`` pointer.
 
 Layout on S3 (``ModelStore``)::
 
-    s3://<bucket>/<model>/<version>/policy.onnx, parity.json, pytorch/..., model_card.json, README.md
+    s3://<bucket>/<model>/<version>/<every file of exports/>, registry.json, registry.md
     s3://<bucket>/<model>/<version>/manifest.json   written after every file of the version (sha256 + size)
     s3://<bucket>/<model>/prod                      {"version": ..., "history": [...]} moved last
 
@@ -32,7 +32,10 @@ DEFAULT_MODEL = "driving-policy"
 PROD_STAGE = "prod"
 POINTER_NAME = "prod"
 MANIFEST_NAME = "manifest.json"
-CARD_NAME = "model_card.json"
+# The promotion record (metrics compared, decision, lineage). Not "model_card.json": the export stage
+# writes its own model card into exports/, which is published as it is.
+CARD_NAME = "registry.json"
+README_NAME = "registry.md"
 
 
 class RegistryError(RuntimeError):
@@ -319,8 +322,8 @@ class ModelStore:
         self._put(self.key(version, CARD_NAME), card_body, "application/json")
         entries[CARD_NAME] = {"sha256": hashlib.sha256(card_body).hexdigest(), "size": len(card_body)}
         if readme is not None:
-            self._put(self.key(version, "README.md"), readme.encode(), "text/markdown")
-            entries["README.md"] = {"sha256": hashlib.sha256(readme.encode()).hexdigest(), "size": len(readme.encode())}
+            self._put(self.key(version, README_NAME), readme.encode(), "text/markdown")
+            entries[README_NAME] = {"sha256": hashlib.sha256(readme.encode()).hexdigest(), "size": len(readme.encode())}
         manifest = {"model": self.model, "version": version, "files": entries, "created_at": time.time()}
         self._put(self.key(version, MANIFEST_NAME), json.dumps(manifest, indent=2).encode(), "application/json")
         log.info("registry: uploaded %d files to %s", len(entries), self.url(version))

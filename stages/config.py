@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from stages.envs.config import EnvConfig
+from infra.carla.config import CarlaServerConfig
+from stages.envs.config import EnvConfig, ScenarioName
 from stages.rl.configs import PPOConfig, SACConfig
 
 PresetName = Literal["smoke", "demo", "carla"]
@@ -50,7 +51,17 @@ class DataParams(_Strict):
     perturbed_fraction: float = Field(0.25, ge=0, le=1, description="episodes driven by a noisy expert")
     expert_noise: float = Field(0.3, ge=0)
     val_fraction: float = Field(0.2, gt=0, lt=1)
-    waypoint_stride: int = Field(2, ge=1, description="env steps between future waypoints")
+    waypoint_stride: int = Field(3, ge=1, description="env steps between future waypoints (3 at 10 Hz: "
+                                                      "10 waypoints cover 3 s)")
+    sources: list[Literal["sim", "nuscenes"]] = Field(["sim", "nuscenes"], min_length=1,
+                                                      description="what the training dataset is built from")
+    nuscenes_root: str | None = Field(None, description="a nuScenes folder to read; None: the recorded "
+                                                        "drives written as nuScenes at nuscenes_out")
+    nuscenes_version: str = Field("v1.0-trainval", pattern=r"^v1\.0-(mini|trainval|test)$")
+    nuscenes_out: str = "data/nuscenes-sim"
+    built: str = Field("data/train", description="the sharded training dataset")
+    shard_size: int = Field(1024, ge=16, description="samples per shard (whole episodes per shard)")
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes")
 
 
 class PretrainParams(_Strict):
@@ -59,6 +70,8 @@ class PretrainParams(_Strict):
     batch_size: int = Field(64, ge=2)
     learning_rate: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.05, ge=0)
+    caption_sources: list[Literal["sim", "nuscenes"]] = Field(["sim", "nuscenes"], min_length=1,
+                                                              description="whose captions to align")
 
 
 class OfflineParams(_Strict):
@@ -69,6 +82,18 @@ class OfflineParams(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     control_weight: float = Field(1.0, ge=0)
     trajectory_weight: float = Field(1.0, ge=0)
+    trajectory_loss: Literal["l1", "l2"] = "l2"
+    bc_weight: float = Field(1.0, ge=0, description="weight of behaviour cloning in the policy loss")
+    iql_weight: float = Field(1.0, ge=0, description="weight of IQL (value, Q and advantage-weighted policy)")
+    iql_expectile: float = Field(0.7, gt=0, lt=1)
+    iql_temperature: float = Field(3.0, ge=0, description="beta of exp(beta * advantage)")
+    iql_max_weight: float = Field(100.0, gt=0)
+    iql_tau: float = Field(0.005, gt=0, le=1, description="Polyak rate of the target Q heads")
+    iql_value_weight: float = Field(1.0, ge=0, description="weight of the value and Q losses")
+    reward_scale: float = Field(0.1, gt=0, description="rewards are multiplied by this for the critic")
+    ego_mlp_epochs: int = Field(60, ge=1, description="epochs of the ego-status MLP baseline")
+    encoder_lr_scale: float = Field(0.3, ge=0, description="learning rate of the pretrained encoders, "
+                                                          "relative to learning_rate")
 
 
 class OnlineParams(_Strict):
@@ -86,6 +111,45 @@ class ExportParams(_Strict):
     parity_batch_sizes: list[int] = [1, 7, 32]
 
 
+class EvaluateParams(_Strict):
+    """Closed-loop evaluation of a checkpoint (stages/evaluate.py)."""
+
+    checkpoint: str = Field("checkpoints/online", description="a DrivingVLA checkpoint folder (save_pretrained)")
+    scenarios: list[ScenarioName] | None = Field(None, min_length=1, description="None: [env.scenario]")
+    episodes: int = Field(2, ge=1, le=10_000, description="episodes per scenario")
+    seed_offset: int = Field(2_000_000, ge=0, description="episode i runs seed + seed_offset + i")
+    deterministic: bool = Field(True, description="drive the policy's mode (False: sample actions)")
+    blocked_seconds: float | None = Field(10.0, gt=0, description="end an episode after standing still this "
+                                                                  "long (the leaderboard's blocked test); None: never")
+    out: str = Field("reports/evaluate", description="episode records and the animated episode")
+    plots_dir: str = Field("plots", description="where evaluate_scores.png and evaluate_strip.png go")
+    strip_frames: int = Field(8, ge=2, le=32, description="frames in the image strip")
+    gif: bool = Field(True, description="write the strip's episode as an animated GIF")
+    gif_max_frames: int = Field(120, ge=2, le=2000, description="frames kept for the GIF (evenly spaced)")
+    cpu_threads: int | None = Field(1, ge=1, description="torch CPU threads while driving (one observation at "
+                                                         "a time); None: torch's default")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EvaluateParams":
+        if self.scenarios is not None and len(set(self.scenarios)) != len(self.scenarios):
+            raise ValueError(f"scenarios={self.scenarios} lists a scenario twice")
+        if self.gif_max_frames < self.strip_frames:
+            raise ValueError(f"gif_max_frames={self.gif_max_frames} must be >= strip_frames={self.strip_frames} "
+                             "(the strip is drawn from the kept frames)")
+        return self
+
+
+class PromoteParams(_Strict):
+    """When a candidate may replace the production model (flows/promote.py)."""
+
+    score_metric: str = "driving_score"
+    min_driving_score_delta: float = Field(0.01, description="the candidate must beat production by this much")
+    max_drop: dict[str, float] = {"route_completion": 0.05}
+    max_rise: dict[str, float] = {"collisions_per_km": 0.5}
+    parity_metric: str = "onnx_max_abs_error"
+    max_parity_error: float = Field(1e-4, gt=0)
+
+
 class PipelineConfig(_Strict):
     preset: PresetName = "demo"
     seed: int = 0
@@ -97,7 +161,10 @@ class PipelineConfig(_Strict):
     pretrain: PretrainParams = PretrainParams()
     offline: OfflineParams = OfflineParams()
     online: OnlineParams = OnlineParams()
+    evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
+    promote: PromoteParams = PromoteParams()
+    carla: CarlaServerConfig = CarlaServerConfig()
 
 
 # Presets hold only what differs from the defaults above.
@@ -105,18 +172,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "model": {"size": "tiny", "image_size": 32},
         "env": {"image_size": 32, "max_episode_steps": 30},
-        "data": {"episodes": 4},
+        "data": {"episodes": 4, "num_workers": 0, "shard_size": 64},
         "pretrain": {"epochs": 1, "batch_size": 16},
-        "offline": {"epochs": 1, "batch_size": 16},
+        "offline": {"epochs": 1, "batch_size": 16, "ego_mlp_epochs": 2},
         "online": {"total_timesteps": 64, "eval_episodes": 1,
                    "ppo": {"num_steps": 32, "batch_size": 16, "num_epochs": 1}},
         "export": {"parity_batch_sizes": [1, 3]},
+        "evaluate": {"scenarios": ["highway", "urban"], "episodes": 1, "strip_frames": 6, "gif_max_frames": 30},
     },
-    "demo": {},
+    "demo": {"evaluate": {"scenarios": ["highway", "urban", "night", "rain"], "episodes": 2}},
     "carla": {
         "model": {"size": "base", "image_size": 224},
         "env": {"backend": "carla", "scenario": "urban", "image_size": 224, "max_episode_steps": 1000},
         "data": {"episodes": 200},
+        "evaluate": {"scenarios": ["urban", "highway", "night", "rain"], "episodes": 10, "blocked_seconds": 180.0},
         "pretrain": {"epochs": 20, "batch_size": 256},
         "offline": {"epochs": 30, "batch_size": 256},
         "online": {"total_timesteps": 1_000_000,

@@ -38,7 +38,10 @@ def make_project_repo(dest: Path, params: dict | None = None) -> Path:
         shutil.copytree(ROOT / name, dest / name, ignore=ignore)
     for name in FILES:
         shutil.copy2(ROOT / name, dest / name)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params or {"preset": "smoke"}))
+    if params is None:
+        # The repository's params.yaml lists every section dvc.yaml tracks (DVC refuses a missing one).
+        params = {**(yaml.safe_load((ROOT / "params.yaml").read_text()) or {}), "preset": "smoke"}
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (dest / ".gitignore").write_text("__pycache__/\nruns/\n.dvc-storage/\n")
     sh(["git", "init", "-q"], dest)
     sh(["git", "config", "user.email", "test@drivevla.org"], dest)

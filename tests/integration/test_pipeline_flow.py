@@ -21,10 +21,10 @@ def test_flow_runs_all_stages_through_dvc(prefect_api, tmp_path):
 
     repo = make_project_repo(tmp_path / "repo")
     results = pipeline(workdir=str(repo))
-    assert list(results) == ["data", "pretrain", "offline", "online", "export"]
+    assert list(results) == ["data", "pretrain", "offline", "online", "evaluate", "export"]
     assert results["export"]["onnx_parity_passed"] is True
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"data", "pretrain", "offline", "online", "export"}
+    assert set(lock["stages"]) == {"data", "pretrain", "offline", "online", "evaluate", "export"}
     assert any(o["path"] == "exports" for o in lock["stages"]["export"]["outs"])
     status = sh([sys.executable, "-m", "dvc", "status", "--json"], repo)
     assert json.loads(status.stdout) == {}, "DVC sees the workspace as out of date after the flow"

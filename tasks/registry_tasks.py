@@ -1,0 +1,163 @@
+"""Prefect tasks around the model registry (``infra/registry.py``): read the candidate and production,
+register a version (GTO), upload it to S3, move the ``prod`` pointer, assign the GTO stage, roll back.
+
+Retries are set on the S3 steps only: they are idempotent (per-version keys, one pointer object) and
+fail for transient reasons. Git/GTO steps are local and deterministic, so a retry would only repeat
+the same failure.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from infra.registry import (DEFAULT_MODEL, ModelStore, Pointer, RegistryError, assign_stage, collect_files,
+                            commit_lineage, model_card_markdown, register_version, stage_version)
+from infra.s3 import S3Settings, S3Unreachable, bucket_from_env, check_bucket, make_client
+from tasks.dvc_tasks import lineage
+
+EVALUATE_METRICS = Path("metrics") / "evaluate.json"
+EXPORT_METRICS = Path("metrics") / "export.json"
+
+
+def open_store(bucket: str | None = None, model: str = DEFAULT_MODEL,
+               endpoint_url: str | None = None) -> ModelStore:
+    """A :class:`ModelStore` from the environment (endpoint, credentials) and ``bucket``."""
+    settings = S3Settings.from_env(endpoint_url=endpoint_url)
+    return ModelStore(make_client(settings), bucket_from_env(bucket), model)
+
+
+def _unreachable(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only a network failure; refused credentials or a missing bucket will not fix themselves."""
+    try:
+        state.result()
+    except S3Unreachable:
+        return True
+    except Exception:  # noqa: BLE001 - any other failure is final
+        return False
+    return False
+
+
+@task(name="s3-preflight", retries=2, retry_delay_seconds=2, retry_condition_fn=_unreachable)
+def s3_preflight(bucket: str | None = None, model: str = DEFAULT_MODEL, endpoint_url: str | None = None) -> str:
+    """Fail early, before anything is registered, when S3 cannot be reached or refuses the credentials."""
+    store = open_store(bucket, model, endpoint_url)
+    check_bucket(store.client, store.bucket, store.where)
+    return store.bucket
+
+
+@task(name="read-candidate")
+def read_candidate(workdir: str) -> dict[str, Any]:
+    """The candidate's evaluation metrics merged with its export parity metrics."""
+    root = Path(workdir)
+    metrics: dict[str, Any] = {}
+    for rel in (EVALUATE_METRICS, EXPORT_METRICS):
+        path = root / rel
+        if path.exists():
+            metrics.update(json.loads(path.read_text()))
+    return metrics
+
+
+@task(name="read-production", retries=2, retry_delay_seconds=2)
+def read_production(bucket: str | None, model: str = DEFAULT_MODEL,
+                    endpoint_url: str | None = None) -> dict[str, Any] | None:
+    """``{"version", "metrics", "card"}`` of the version the ``prod`` pointer names, or None."""
+    store = open_store(bucket, model, endpoint_url)
+    pointer = store.pointer()
+    if pointer is None:
+        return None
+    card = store.card(pointer.version) or {}
+    return {"version": pointer.version, "metrics": card.get("metrics", {}), "card": card,
+            "history": pointer.history}
+
+
+@task(name="register-version")
+def register_candidate(workdir: str, model: str = DEFAULT_MODEL, message: str | None = None) -> dict[str, str]:
+    """Commit the lineage (``dvc.lock``, params, metrics) and register that commit as a version."""
+    commit = commit_lineage(Path(workdir), message or f"{model}: candidate for promotion")
+    version = register_version(Path(workdir), model, ref=commit)
+    get_run_logger().info("registered %s@%s at %s", model, version, commit[:8])
+    return {"version": version, "commit": commit}
+
+
+@task(name="upload-version", retries=2, retry_delay_seconds=[2, 10])
+def upload_version(workdir: str, version: str, card: dict[str, Any], bucket: str | None,
+                   model: str = DEFAULT_MODEL, endpoint_url: str | None = None,
+                   exports_dir: str = "exports") -> dict[str, Any]:
+    """Upload the exported files and the model card under ``<model>/<version>/`` (manifest last)."""
+    store = open_store(bucket, model, endpoint_url)
+    files = collect_files(Path(workdir) / exports_dir)
+    return store.upload_version(version, files, card, readme=model_card_markdown(model, version, card))
+
+
+@task(name="move-prod-pointer", retries=2, retry_delay_seconds=2)
+def move_prod_pointer(version: str, bucket: str | None, model: str = DEFAULT_MODEL,
+                      endpoint_url: str | None = None, git_commit: str | None = None) -> dict[str, Any]:
+    """The last S3 write of a promotion: readers switch to ``version`` at once."""
+    store = open_store(bucket, model, endpoint_url)
+    return store.move_pointer(version, git_commit=git_commit).__dict__
+
+
+@task(name="restore-prod-pointer", retries=2, retry_delay_seconds=2)
+def restore_prod_pointer(pointer: dict[str, Any] | None, bucket: str | None, model: str = DEFAULT_MODEL,
+                         endpoint_url: str | None = None) -> None:
+    store = open_store(bucket, model, endpoint_url)
+    store.restore_pointer(Pointer(**pointer) if pointer else None)
+
+
+@task(name="read-pointer", retries=2, retry_delay_seconds=2)
+def read_pointer(bucket: str | None, model: str = DEFAULT_MODEL, endpoint_url: str | None = None) -> dict[str, Any] | None:
+    pointer = open_store(bucket, model, endpoint_url).pointer()
+    return pointer.__dict__ if pointer else None
+
+
+@task(name="assign-prod-stage")
+def assign_prod(workdir: str, version: str, model: str = DEFAULT_MODEL, message: str | None = None) -> None:
+    assign_stage(Path(workdir), model, version, message=message)
+
+
+@task(name="rollback-prod-pointer", retries=2, retry_delay_seconds=2)
+def rollback_prod_pointer(bucket: str | None, model: str = DEFAULT_MODEL,
+                          endpoint_url: str | None = None) -> dict[str, Any]:
+    store = open_store(bucket, model, endpoint_url)
+    before = store.pointer()
+    after = store.rollback_pointer()
+    return {"from": before.version if before else None, "to": after.version, "pointer": after.__dict__}
+
+
+@task(name="download-production", retries=2, retry_delay_seconds=[2, 10])
+def download_production(dest: str, bucket: str | None, model: str = DEFAULT_MODEL,
+                        endpoint_url: str | None = None, prefix: str = "pytorch/") -> dict[str, Any] | None:
+    """Download the production version's files under ``prefix`` to ``dest/<version>/`` (sha256-checked);
+    None when nothing is in production yet."""
+    store = open_store(bucket, model, endpoint_url)
+    pointer = store.pointer()
+    if pointer is None:
+        return None
+    target = Path(dest) / pointer.version
+    files = store.download(pointer.version, target, prefix=prefix)
+    return {"version": pointer.version, "path": str(target), "files": [str(f) for f in files]}
+
+
+def build_card(workdir: str, model: str, candidate: dict[str, Any], decision: dict[str, Any],
+               production: dict[str, Any] | None) -> dict[str, Any]:
+    """The model card published with a version: metrics, the decision and the lineage."""
+    lin = lineage(workdir)
+    return {
+        "model": model,
+        "description": "DrivingVLA deterministic policy: image + state + command -> controls, trajectory",
+        "metrics": candidate,
+        "promotion": decision,
+        "replaces": production["version"] if production else None,
+        "lineage": {"git_commit": lin["git"]["commit"], "dvc_lock_sha256": lin["dvc_lock_sha256"],
+                    "outs": lin["outs"], "params": lin["params"]},
+    }
+
+
+def gto_prod_version(workdir: str, model: str = DEFAULT_MODEL) -> str | None:
+    try:
+        return stage_version(Path(workdir), model)
+    except RegistryError:
+        return None

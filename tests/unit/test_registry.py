@@ -1,0 +1,292 @@
+"""The model registry: promotion thresholds, GTO versions/stages on a real git repo, and publishing to a
+real S3 endpoint (moto server on a free port): pointer moved last, rollback, clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+
+from infra.registry import (ModelStore, PromotionThresholds, RegistryError, assign_stage, commit_lineage, judge,
+                            register_version, registered_versions, stage_version)
+from infra.s3 import (S3AccessDenied, S3NotConfigured, S3Settings, S3Unreachable, bucket_from_env, check_bucket,
+                      make_client)
+
+FAKE_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+             "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required", "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+             "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@contextmanager
+def moto_s3(*buckets: str) -> Iterator[str]:
+    """A real S3 endpoint (moto server) on a free port, with ``buckets`` created; yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    try:
+        client = make_client(S3Settings(endpoint_url=url))
+        for bucket in buckets:
+            client.create_bucket(Bucket=bucket)
+        yield url
+    finally:
+        server.stop()
+
+
+@contextmanager
+def moto_auth_enforced(url: str) -> Iterator[None]:
+    """Make moto check every request's access key (it accepts any key by default)."""
+    requests.post(f"{url}/moto-api/reset-auth", data=b"0", timeout=5).raise_for_status()
+    try:
+        yield
+    finally:
+        requests.post(f"{url}/moto-api/reset-auth", data=b"1e18", timeout=5).raise_for_status()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_url():
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in FAKE_KEYS.items():
+            mp.setenv(key, value)
+        for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "DRIVEVLA_S3_ENDPOINT_URL"):
+            mp.delenv(key, raising=False)
+        with moto_s3("models") as url:
+            yield url
+
+
+@pytest.fixture
+def store(s3_url, request):
+    # A model name per test keeps the tests independent inside one bucket.
+    return ModelStore(make_client(S3Settings(endpoint_url=s3_url)), "models", request.node.name.replace("_", "-")[:60])
+
+
+@pytest.fixture
+def exports(tmp_path) -> Path:
+    d = tmp_path / "exports"
+    (d / "pytorch").mkdir(parents=True)
+    (d / "policy.onnx").write_bytes(os.urandom(4096))
+    (d / "pytorch" / "model.safetensors").write_bytes(os.urandom(2048))
+    (d / "parity.json").write_text(json.dumps({"max_abs": 1e-8}))
+    return d
+
+
+def files_of(d: Path) -> dict[str, Path]:
+    return {p.relative_to(d).as_posix(): p for p in d.rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------------ the decision
+
+GOOD = {"driving_score": 0.80, "route_completion": 0.90, "collisions_per_km": 0.2, "onnx_max_abs_error": 1e-7}
+
+
+def test_judge_accepts_a_better_candidate():
+    prod = dict(GOOD, driving_score=0.70)
+    decision = judge(GOOD, prod, PromotionThresholds(min_driving_score_delta=0.05))
+    assert decision.accepted, decision.summary()
+    assert "delta +0.1000" in decision.summary()
+
+
+def test_judge_rejects_a_worse_candidate_and_says_why():
+    prod = dict(GOOD, driving_score=0.90)
+    decision = judge(GOOD, prod, PromotionThresholds())
+    assert not decision.accepted
+    assert decision.reasons == ["driving_score 0.8000 vs production 0.9000 (delta -0.1000 < min_driving_score_delta 0.01)"]
+
+
+def test_judge_rejects_equal_score_by_default_margin():
+    assert not judge(GOOD, dict(GOOD), PromotionThresholds()).accepted
+
+
+def test_judge_rejects_parity_and_guard_regressions():
+    bad = dict(GOOD, onnx_max_abs_error=3e-3, driving_score=0.95, collisions_per_km=2.0)
+    decision = judge(bad, GOOD, PromotionThresholds(max_parity_error=1e-4))
+    assert not decision.accepted
+    failed = {c.name for c in decision.checks if not c.passed}
+    assert failed == {"parity", "collisions_per_km"}
+
+
+def test_judge_first_model_needs_score_and_parity():
+    assert judge(GOOD, None).accepted
+    missing = judge({"onnx_max_abs_error": 1e-7}, None)
+    assert not missing.accepted and "run the evaluate stage" in missing.reasons[0]
+
+
+def test_thresholds_reject_unknown_keys():
+    with pytest.raises(ValueError, match="min_score"):
+        PromotionThresholds(min_score=1)
+
+
+# ------------------------------------------------------------------ S3 settings and errors
+
+
+def test_settings_come_from_the_environment_never_the_repo():
+    env = {"AWS_ENDPOINT_URL": "http://generic:1", "AWS_ENDPOINT_URL_S3": "http://s3only:2", "AWS_PROFILE": "ci",
+           "AWS_DEFAULT_REGION": "eu-west-1"}
+    s = S3Settings.from_env(env)
+    assert (s.endpoint_url, s.profile, s.region) == ("http://s3only:2", "ci", "eu-west-1")
+    assert S3Settings.from_env({"DRIVEVLA_S3_ENDPOINT_URL": "http://mine:3", **env}).endpoint_url == "http://mine:3"
+    assert S3Settings.from_env({}).endpoint_url is None
+    assert bucket_from_env(None, {"DRIVEVLA_MODEL_BUCKET": "s3://models/"}) == "models"
+    with pytest.raises(S3NotConfigured, match="DRIVEVLA_MODEL_BUCKET"):
+        bucket_from_env(None, {})
+
+
+def test_unreachable_endpoint_is_a_clear_error(s3_url):
+    url = f"http://127.0.0.1:{free_port()}"
+    client = make_client(S3Settings(endpoint_url=url, connect_timeout_s=2, max_attempts=1))
+    with pytest.raises(S3Unreachable) as err:
+        check_bucket(client, "models")
+    assert url in str(err.value) and "unreachable" in str(err.value) and "AWS_ENDPOINT_URL_S3" in str(err.value)
+
+
+def test_wrong_credentials_are_a_clear_error(s3_url, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    client = make_client(S3Settings(endpoint_url=s3_url))
+    with moto_auth_enforced(s3_url):
+        with pytest.raises(S3AccessDenied) as err:
+            check_bucket(client, "models")
+    assert "rejected the credentials" in str(err.value) and "AWS_ACCESS_KEY_ID" in str(err.value)
+
+
+def test_missing_credentials_are_a_clear_error(monkeypatch, tmp_path):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(S3NotConfigured, match="AWS_ACCESS_KEY_ID"):
+        make_client(S3Settings(endpoint_url="http://127.0.0.1:1"))
+
+
+# ------------------------------------------------------------------ publishing and the pointer
+
+
+def test_pointer_moves_last_and_readers_see_whole_versions(store, exports):
+    assert store.pointer() is None
+    manifest = store.upload_version("v0.1.0", files_of(exports), {"metrics": GOOD})
+    # Uploaded but not pointed at: nothing is in production yet.
+    assert store.production_version() is None
+    assert set(manifest["files"]) == {"policy.onnx", "parity.json", "pytorch/model.safetensors", "registry.json"}
+    store.move_pointer("v0.1.0")
+    assert store.production_version() == "v0.1.0"
+    assert store.card("v0.1.0")["metrics"] == GOOD
+
+
+def test_pointer_refuses_a_version_without_manifest(store, exports):
+    store.client.upload_file(str(exports / "policy.onnx"), store.bucket, store.key("v9.9.9", "policy.onnx"))
+    with pytest.raises(RegistryError, match="never fully published"):
+        store.move_pointer("v9.9.9")
+    assert store.pointer() is None
+
+
+def test_failure_before_pointer_keeps_production_then_retry_and_rollback(store, exports, tmp_path):
+    store.upload_version("v0.1.0", files_of(exports), {"metrics": GOOD})
+    store.move_pointer("v0.1.0")
+    # The next version is uploaded, then the promotion dies before the pointer moves.
+    (exports / "policy.onnx").write_bytes(os.urandom(4096))
+    store.upload_version("v0.2.0", files_of(exports), {"metrics": GOOD})
+    assert store.production_version() == "v0.1.0"
+    # The retry re-uploads (idempotent keys) and moves the pointer.
+    store.upload_version("v0.2.0", files_of(exports), {"metrics": GOOD})
+    assert store.move_pointer("v0.2.0").history == ["v0.1.0"]
+    got = store.download("v0.2.0", tmp_path / "dl")
+    assert (tmp_path / "dl" / "policy.onnx").read_bytes() == (exports / "policy.onnx").read_bytes()
+    assert len(got) == 4
+    back = store.rollback_pointer()
+    assert (back.version, back.history) == ("v0.1.0", [])
+    with pytest.raises(RegistryError, match="no previous version"):
+        store.rollback_pointer()
+
+
+def test_download_detects_corruption(store, exports, tmp_path):
+    store.upload_version("v0.1.0", files_of(exports), {"metrics": GOOD})
+    store.client.put_object(Bucket=store.bucket, Key=store.key("v0.1.0", "parity.json"),
+                            Body=(exports / "parity.json").read_bytes().replace(b"1e", b"2e"))
+    with pytest.raises(RegistryError, match="sha256 differs"):
+        store.download("v0.1.0", tmp_path / "dl")
+
+
+# ------------------------------------------------------------------ GTO on a git repository
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    r = tmp_path / "repo"
+    r.mkdir()
+    git(r, "init", "-q")
+    git(r, "config", "user.email", "t@drivevla.org")
+    git(r, "config", "user.name", "tests")
+    (r / "dvc.yaml").write_text("stages: {}\nartifacts:\n  driving-policy:\n    path: exports/policy.onnx\n    type: model\n")
+    (r / "code.py").write_text("x = 1\n")
+    git(r, "add", "-A")
+    git(r, "commit", "-q", "-m", "init")
+    return r
+
+
+def test_register_assign_and_roll_back_with_gto(repo):
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    first = commit_lineage(repo, "candidate 1")
+    assert git(repo, "show", "--name-only", "--format=", "HEAD") == "dvc.lock"
+    v1 = register_version(repo, "driving-policy", ref=first)
+    assert v1 == "v0.1.0"
+    assert register_version(repo, "driving-policy", ref=first) == v1, "a commit keeps its version"
+    assign_stage(repo, "driving-policy", v1)
+    assert stage_version(repo, "driving-policy") == v1
+
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {export: {}}\n")
+    second = commit_lineage(repo, "candidate 2")
+    v2 = register_version(repo, "driving-policy", ref=second)
+    assert v2 == "v0.2.0" and registered_versions(repo, "driving-policy") == {v1: first, v2: second}
+    assign_stage(repo, "driving-policy", v2)
+    assert stage_version(repo, "driving-policy") == v2
+    assign_stage(repo, "driving-policy", v1, message="rollback")
+    assert stage_version(repo, "driving-policy") == v1
+    assert "driving-policy#prod#3" in git(repo, "tag")
+
+
+def test_commit_lineage_refuses_uncommitted_code(repo):
+    (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    (repo / "code.py").write_text("x = 2\n")
+    with pytest.raises(RegistryError, match="uncommitted changes in code.py"):
+        commit_lineage(repo, "candidate")
+
+
+# ------------------------------------------------------------------ the operator commands
+
+
+def test_ops_commands_mount_on_a_parent_app():
+    import typer
+    from typer.testing import CliRunner
+
+    from flows.ops_cli import ops_app
+
+    parent = typer.Typer()
+
+    @parent.command()
+    def other() -> None:
+        """another command"""
+
+    parent.add_typer(ops_app)
+    runner = CliRunner()
+    out = runner.invoke(parent, ["--help"]).output
+    assert "serve" in out and "promote" in out
+    assert "--rollback" in runner.invoke(parent, ["promote", "--help"]).output
