@@ -21,9 +21,11 @@ def _mount_subcommands() -> None:
     from flows.carla_cli import carla_app
 
     from flows.ops_cli import ops_app
+    from flows.predict_cli import predict as predict_command
 
     app.add_typer(carla_app, name="carla")
     app.add_typer(ops_app)  # drivevla serve / drivevla promote [--rollback]
+    app.command("predict")(predict_command)  # onnxruntime only: no torch needed
 
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="smoke | demo | carla (default: params.yaml's)")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a value: --set online.total_timesteps=8192")]

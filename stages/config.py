@@ -109,6 +109,12 @@ class ExportParams(_Strict):
     out: str = "exports"
     atol: float = Field(1e-4, gt=0)
     parity_batch_sizes: list[int] = [1, 7, 32]
+    heldout_samples: int = Field(32, ge=1, description="val samples in the parity check")
+    latency_batch_sizes: list[int] = [1, 32]
+    latency_iters: int = Field(200, ge=1, description="timed calls per runtime and batch size")
+    latency_warmup: int = Field(20, ge=0)
+    latency_threads: int = Field(0, ge=0, description="intra-op threads for every runtime; 0 = torch's default")
+    model_version: str | None = None
 
 
 class EvaluateParams(_Strict):
@@ -177,7 +183,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "offline": {"epochs": 1, "batch_size": 16, "ego_mlp_epochs": 2},
         "online": {"total_timesteps": 64, "eval_episodes": 1,
                    "ppo": {"num_steps": 32, "batch_size": 16, "num_epochs": 1}},
-        "export": {"parity_batch_sizes": [1, 3]},
+        "export": {"parity_batch_sizes": [1, 7, 32], "latency_iters": 5, "latency_warmup": 1},
         "evaluate": {"scenarios": ["highway", "urban"], "episodes": 1, "strip_frames": 6, "gif_max_frames": 30},
     },
     "demo": {"evaluate": {"scenarios": ["highway", "urban", "night", "rain"], "episodes": 2}},
