@@ -1,8 +1,10 @@
 """Stage 1 — pretrain: contrastive image–caption alignment of the vision and text encoders (CLIP-style).
 
-Captions describe what the camera sees (generated from simulator ground truth); the loss pulls
-each image towards its own caption and away from the others in the batch, with a learnable
-temperature. Held-out recall@1/@5 in both directions is reported beside the chance level.
+Captions are the simulator's ground-truth frame captions (nearby vehicles and where they are, lane,
+speed, manoeuvre) and nuScenes scene descriptions (`pretrain.caption_sources`). The loss pulls each
+image towards its own caption and away from the others in the batch, with a learnable temperature;
+identical captions in a batch all count as positives. Held-out recall@1/@5 in both directions is
+reported beside the chance level, over all val pairs and per source.
 """
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ from tqdm.auto import tqdm
 
 from stages.common import resolve_device, seed_everything, stage_main, write_json
 from stages.config import PipelineConfig
-from stages.data.dataset import load_split
+from stages.data.shards import ShardedDataset, load_split_arrays, make_loader
 from stages.resume import ResumePoint, fingerprint
 from stages.training import TokenCache, encoder_parameters, load_or_init, rng_state, save_checkpoint, set_rng_state
 
 log = logging.getLogger(__name__)
+
+MAX_RETRIEVAL_PAIRS = 512
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
@@ -36,10 +40,14 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Te
 
 @torch.no_grad()
 def retrieval_recall(model, images: np.ndarray, captions: np.ndarray, tokens: TokenCache,
-                     device: str, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """Recall@k for image→text and text→image over pairs with distinct captions."""
+                     device: str, ks: tuple[int, ...] = (1, 5), max_pairs: int = MAX_RETRIEVAL_PAIRS,
+                     seed: int = 0) -> dict[str, float]:
+    """Recall@k for image→text and text→image over pairs with distinct captions (one image per caption,
+    at most ``max_pairs`` of them, drawn evenly)."""
     _, first = np.unique(captions, return_index=True)
-    first = np.sort(first)[:512]
+    if len(first) > max_pairs:
+        first = np.random.default_rng(seed).choice(first, max_pairs, replace=False)
+    first = np.sort(first)
     img = torch.from_numpy(images[first]).to(device)
     txt = tokens([str(c) for c in captions[first]], device)
     zi = torch.cat([model.encode_image(img[i:i + 128]) for i in range(0, len(img), 128)])
@@ -56,13 +64,28 @@ def retrieval_recall(model, images: np.ndarray, captions: np.ndarray, tokens: To
     return out
 
 
+def evaluate(model, val, tokens: TokenCache, device: str) -> dict[str, float]:
+    """Recall over every val pair, and per source (prefixed ``<source>_``) when there are several."""
+    model.eval()
+    out = retrieval_recall(model, val.images, val.captions, tokens, device)
+    sources = sorted(set(val.source.tolist()))
+    if len(sources) > 1:
+        for source in sources:
+            mask = val.source == source
+            if len(np.unique(val.captions[mask])) >= 2:
+                r = retrieval_recall(model, val.images[mask], val.captions[mask], tokens, device)
+                out.update({f"{source}_{k}": v for k, v in r.items()})
+    return out
+
+
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     p = cfg.pretrain
-    horizon, stride = cfg.model.trajectory_length, cfg.data.waypoint_stride
-    train = load_split(cfg.data.out, "train", horizon, stride)
-    val = load_split(cfg.data.out, "val", horizon, stride)
+    sources = p.caption_sources
+    train_ds = ShardedDataset(cfg.data.built, "train", shuffle=True, seed=cfg.seed, sources=sources)
+    loader = make_loader(train_ds, p.batch_size, cfg.data.num_workers)
+    val = load_split_arrays(cfg.data.built, "val", sources=sources, keys=("images", "captions"))
 
     model = load_or_init(cfg, upstream=None).to(device)
     tokens = TokenCache(model)
@@ -75,20 +98,20 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         optim.load_state_dict(state["optim"])
         set_rng_state(state["rng"])
         start_epoch, history = state["epoch"], state["history"]
+        log.info("%s: resuming after epoch %d of %d", "pretrain", start_epoch, p.epochs)
 
-    n = len(train.actions)
     t0 = time.perf_counter()
     for epoch in range(start_epoch, p.epochs):
         model.train()
-        order = np.random.permutation(n)
+        train_ds.set_epoch(epoch)
         losses = []
-        bar = tqdm(range(0, n - 1, p.batch_size), desc=f"pretrain epoch {epoch + 1}/{p.epochs}", unit="batch")
-        for i in bar:
-            idx = order[i:i + p.batch_size]
-            if len(idx) < 2:
+        bar = tqdm(loader, desc=f"pretrain epoch {epoch + 1}/{p.epochs}", unit="batch",
+                   total=-(-len(train_ds) // p.batch_size))
+        for batch in bar:
+            caps = batch["caption"]
+            if len(caps) < 2:
                 continue
-            caps = [str(c) for c in train.captions[idx]]
-            img = model.encode_image(torch.from_numpy(train.images[idx]).to(device))
+            img = model.encode_image(batch["image"].to(device))
             txt = model.encode_text(tokens(caps, device))
             loss = contrastive_loss(img, txt, model.logit_scale, caps)
             optim.zero_grad(set_to_none=True)
@@ -97,11 +120,11 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             optim.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        model.eval()
-        recall = retrieval_recall(model, val.images, val.captions, tokens, device)
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **recall})
-        log.info("pretrain epoch %d: loss %.3f, i2t@1 %.3f (chance %.3f)", epoch + 1, history[-1]["loss"],
-                 recall["i2t_recall@1"], recall["chance@1"])
+        recall = evaluate(model, val, tokens, device)
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
+                        "temperature": float(1.0 / model.logit_scale.exp().clamp(max=100.0).item()), **recall})
+        log.info("pretrain epoch %d: loss %.3f, i2t@1 %.3f t2i@1 %.3f (chance %.3f)", epoch + 1, history[-1]["loss"],
+                 recall["i2t_recall@1"], recall["t2i_recall@1"], recall["chance@1"])
         resume.save({"model": model.state_dict(), "optim": optim.state_dict(), "rng": rng_state(),
                      "epoch": epoch + 1, "history": history})
 

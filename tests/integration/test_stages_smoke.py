@@ -31,7 +31,7 @@ def test_data(cfg, workdir):
     assert len(manifest["episodes"]) == cfg.data.episodes
     assert {e["split"] for e in manifest["episodes"]} == {"train", "val"}
     assert result["metrics"]["steps"] > 0
-    with np.load(workdir / manifest["episodes"][0]["file"]) as z:
+    with np.load(workdir / "data/sim" / manifest["episodes"][0]["file"]) as z:
         assert z["images"].dtype == np.uint8 and z["images"].shape[1:] == (cfg.env.image_size, cfg.env.image_size, 3)
         assert len(z["captions"]) == len(z["actions"]) == len(z["rewards"])
 

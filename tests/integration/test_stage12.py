@@ -1,0 +1,81 @@
+"""Stages 1 and 2 resume after being killed: run a stage in a subprocess, kill it once its first epoch
+is saved, run it again and check that it continues from that epoch and finishes."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integration.helpers import ROOT, venv_env
+
+SMALL = ["env.max_episode_steps=45", "data.episodes=4"]
+
+
+def _cmd(stage: str, extra: list[str]) -> list[str]:
+    args = [sys.executable, "-m", f"stages.{stage}", "--preset", "smoke", "--params", "none.yaml"]
+    for item in [*SMALL, *extra]:
+        args += ["--set", item]
+    return args
+
+
+def _env() -> dict[str, str]:
+    # One torch thread: the test measures resumption, not speed, and the machine may be shared.
+    return venv_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    pytest.importorskip("highway_env")
+    work = tmp_path_factory.mktemp("stage12")
+    proc = subprocess.run(_cmd("data", []), cwd=work, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work
+
+
+def _kill_after_first_epoch(stage: str, work: Path, extra: list[str]) -> int:
+    """Start ``stage``, wait for its resume file, kill it; return the epoch the file holds."""
+    resume = work / "runs" / stage / "resume.pt"
+    proc = subprocess.Popen(_cmd(stage, extra), cwd=work, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not resume.exists():
+            assert proc.poll() is None, f"{stage} exited ({proc.returncode}) before saving an epoch"
+            assert time.monotonic() < deadline, f"{stage} saved no epoch within 240 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    saved = torch.load(resume, map_location="cpu", weights_only=False)["epoch"]
+    assert 1 <= saved, saved
+    return saved
+
+
+@pytest.mark.parametrize("stage,epochs", [("pretrain", 4), ("offline", 4)])
+def test_stage_resumes_from_its_last_saved_epoch(workdir, stage, epochs):
+    extra = [f"{stage}.epochs={epochs}"]
+    if stage == "offline":
+        assert (workdir / "checkpoints/pretrain/config.json").exists(), "run after the pretrain case"
+    saved = _kill_after_first_epoch(stage, workdir, extra)
+    if saved >= epochs:
+        pytest.fail(f"{stage} finished all {epochs} epochs before it could be killed; raise the epoch count")
+    before = torch.load(workdir / "runs" / stage / "resume.pt", map_location="cpu", weights_only=False)["history"]
+    proc = subprocess.run(_cmd(stage, extra), cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming after epoch {saved} of {epochs}" in proc.stderr
+    history = json.loads((workdir / "metrics" / f"{stage}_history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    assert history[:saved] == json.loads(json.dumps(before))   # the saved epochs are kept, not redone
+    # Only the remaining epochs ran in the second process (each logs "<stage> epoch N: ...").
+    ran = [int(n) for n in re.findall(rf"{stage} epoch (\d+): ", proc.stderr)]
+    assert ran == list(range(saved + 1, epochs + 1))
+    assert not (workdir / "runs" / stage / "resume.pt").exists()
+    assert (workdir / "checkpoints" / stage / "model.safetensors").exists()
