@@ -39,6 +39,10 @@ class DrivingVLAConfig(BaseModel):
     image_size: int = Field(224, ge=1, description="square input resolution in pixels")
     action_dim: int = Field(3, description="throttle, steer, brake; must be 3")
     trajectory_length: int = Field(10, ge=1, description="number of predicted (x, y) waypoints")
+    waypoint_seconds: float = Field(0.3, gt=0, description="time between consecutive waypoints, s")
+    trajectory_prior: Literal["none", "constant_velocity"] = Field(
+        "constant_velocity", description="constant_velocity: the head predicts corrections to driving on "
+                                         "straight at the current speed (state[0]), which it sees directly")
     state_dim: int = Field(8, ge=1, description="length of the ego-state vector")
     patch_size: int = Field(16, ge=1, description="side of a square ViT patch in pixels")
     hidden_dim: int = Field(768, ge=1, description="width of every transformer")

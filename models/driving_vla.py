@@ -166,7 +166,9 @@ class DrivingVLA(nn.Module):
         self.fusion = TransformerEncoder(dim, cfg.fusion_layers, cfg.num_heads, cfg.mlp_ratio, cfg.dropout)
 
         self.policy_head = MLP(dim, dim, 2 * cfg.action_dim)
-        self.trajectory_head = MLP(dim, dim, 2 * cfg.trajectory_length)
+        # The trajectory head reads the ego state directly beside the fused features: how far the
+        # path reaches is set by the speed, which one state token among many in the fusion blurs.
+        self.trajectory_head = MLP(dim + cfg.state_dim, dim, 2 * cfg.trajectory_length)
         self.value_head = MLP(dim, dim, 1)
 
         # Contrastive (CLIP-style) projections and temperature.
@@ -174,6 +176,12 @@ class DrivingVLA(nn.Module):
         self.text_projection = nn.Linear(dim, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / 0.07)))
 
+        # Normalisation of the state for the trajectory head; persistent, so it is saved with the
+        # weights (set from the training data by the offline stage).
+        self.register_buffer("state_mean", torch.zeros(cfg.state_dim))
+        self.register_buffer("state_std", torch.ones(cfg.state_dim))
+        times = cfg.waypoint_seconds * torch.arange(1, cfg.trajectory_length + 1, dtype=torch.float32)
+        self.register_buffer("waypoint_times", times, persistent=False)
         self.register_buffer("action_low", torch.tensor(ACTION_LOW), persistent=False)
         self.register_buffer("action_high", torch.tensor(ACTION_HIGH), persistent=False)
         self._init_weights()
@@ -236,17 +244,33 @@ class DrivingVLA(nn.Module):
         # Concentrations >= 1 keep the Beta unimodal with a bounded density (a well-defined mode).
         return 1.0 + F.softplus(first), 1.0 + F.softplus(second)
 
-    def predict_trajectory(self, features: Tensor) -> Tensor:
-        """Waypoints ``[B, T, 2]``: the head predicts per-step offsets that are summed up, so the
-        path is continuous and each waypoint only corrects the previous one."""
-        offsets = self.trajectory_head(features).reshape(-1, self.config.trajectory_length, 2)
-        return offsets.cumsum(dim=1)
+    def set_state_normalization(self, mean: Tensor, std: Tensor) -> None:
+        """Mean and spread of the ego state in the training data (std floored at 1e-2)."""
+        with torch.no_grad():
+            self.state_mean.copy_(torch.as_tensor(mean, dtype=self.state_mean.dtype))
+            self.state_std.copy_(torch.as_tensor(std, dtype=self.state_std.dtype).clamp(min=1e-2))
+
+    def trajectory_prior(self, state: Tensor) -> Tensor:
+        """``[B, T, 2]``: straight ahead at the current speed (``state[:, 0]``), or zeros."""
+        batch = state.shape[0]
+        if self.config.trajectory_prior == "none":
+            return state.new_zeros(batch, self.config.trajectory_length, 2)
+        x = state[:, :1].to(self.waypoint_times.dtype) * self.waypoint_times
+        return torch.stack([x, torch.zeros_like(x)], dim=-1)
+
+    def predict_trajectory(self, features: Tensor, state: Tensor) -> Tensor:
+        """Waypoints ``[B, T, 2]``: the prior plus per-step offsets that are summed up, so the path
+        is continuous and each waypoint only corrects the previous one."""
+        norm = ((state - self.state_mean) / self.state_std).to(features.dtype)
+        offsets = self.trajectory_head(torch.cat([features, norm], dim=-1))
+        offsets = offsets.reshape(-1, self.config.trajectory_length, 2)
+        return offsets.cumsum(dim=1) + self.trajectory_prior(state).to(offsets.dtype)
 
     def forward(self, image: Tensor, state: Tensor, tokens: Tensor) -> DrivingVLAOutput:
         features = self.compute_features(image, state, tokens)
         return DrivingVLAOutput(
             action_params=self.policy_params(features),
-            trajectory=self.predict_trajectory(features),
+            trajectory=self.predict_trajectory(features, state),
             value=self.value_head(features).squeeze(-1),
             features=features,
         )

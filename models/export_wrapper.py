@@ -63,7 +63,7 @@ class DeterministicPolicy(nn.Module):
     def forward(self, image: Tensor, state: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
         features = self.model.compute_features(image, state, tokens)
         controls = self.model.distribution(self.model.policy_params(features)).mode()
-        return controls, self.model.predict_trajectory(features)
+        return controls, self.model.predict_trajectory(features, state)
 
 
 def image_shape(model: DrivingVLA, batch: int | str = "batch") -> list[int | str]:

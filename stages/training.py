@@ -28,7 +28,8 @@ def model_config(cfg: PipelineConfig) -> DrivingVLAConfig:
     m = cfg.model
     return DrivingVLAConfig.from_size(m.size, image_size=m.image_size, num_cameras=m.num_cameras,
                                       trajectory_length=m.trajectory_length, policy=m.policy,
-                                      max_text_length=m.max_text_length)
+                                      max_text_length=m.max_text_length,
+                                      waypoint_seconds=cfg.data.waypoint_stride / cfg.env.policy_frequency)
 
 
 def load_or_init(cfg: PipelineConfig, upstream: str | Path | None) -> DrivingVLA:

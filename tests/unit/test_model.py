@@ -195,10 +195,19 @@ def test_padding_only_tokens_are_finite(tiny: DrivingVLA) -> None:
     assert torch.isfinite(out.features).all()
 
 
-def test_trajectory_is_cumulative_offsets(tiny: DrivingVLA) -> None:
-    features = tiny.compute_features(*make_inputs(tiny.config, batch=2))
-    offsets = tiny.trajectory_head(features).reshape(2, -1, 2)
-    torch.testing.assert_close(tiny.predict_trajectory(features), offsets.cumsum(1))
+def test_trajectory_is_constant_velocity_prior_plus_cumulative_offsets(tiny: DrivingVLA) -> None:
+    image, state, tokens = make_inputs(tiny.config, batch=2)
+    state[:, 0] = torch.tensor([5.0, 10.0])
+    features = tiny.compute_features(image, state, tokens)
+    offsets = tiny.trajectory_head(torch.cat([features, state], dim=-1)).reshape(2, -1, 2)
+    t = tiny.config.waypoint_seconds * torch.arange(1, tiny.config.trajectory_length + 1)
+    prior = torch.stack([state[:, :1] * t, torch.zeros(2, len(t))], dim=-1)
+    torch.testing.assert_close(tiny.predict_trajectory(features, state), offsets.cumsum(1) + prior)
+    # A zero head is exactly the constant-velocity baseline: 5 m/s → 1.5 m after 0.3 s.
+    torch.nn.init.zeros_(tiny.trajectory_head.fc2.weight)
+    torch.nn.init.zeros_(tiny.trajectory_head.fc2.bias)
+    torch.testing.assert_close(tiny.predict_trajectory(features, state), prior)
+    assert prior[0, 0, 0].item() == pytest.approx(5.0 * tiny.config.waypoint_seconds)
 
 
 def test_contrastive_embeddings(tiny: DrivingVLA) -> None:
