@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from models.distributions import ACTION_HIGH, ACTION_LOW
+from stages.accel import Distributed, autocast, configure_backends, distributed, make_adamw
 from stages.common import resolve_device, seed_everything, stage_main, write_json
 from stages.config import PipelineConfig
 from stages.data.dataset import DatasetError
@@ -208,8 +209,15 @@ def _upstream_stage(path: str | Path) -> str | None:
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """Train on this process, or as one rank of a ``torchrun`` job (data parallel, rank 0 writes)."""
+    with distributed(resolve_device(cfg.device)) as dist:
+        return _run(cfg, dist)
+
+
+def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = dist.device(resolve_device(cfg.device))
+    configure_backends(device)
     o, built = cfg.offline, cfg.data.built
     manifest = read_manifest(built)
     step_seconds = manifest["trajectory"]["step_seconds"]
@@ -236,7 +244,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     pretrained = {id(p) for p in encoder_parameters(model)}
     groups = [{"params": [p for p in params if id(p) in pretrained], "lr": o.learning_rate * o.encoder_lr_scale},
               {"params": [p for p in params if id(p) not in pretrained], "lr": o.learning_rate}]
-    optim = torch.optim.AdamW(groups, lr=o.learning_rate, weight_decay=o.weight_decay)
+    optim = make_adamw(groups, lr=o.learning_rate, weight_decay=o.weight_decay, device=device)
     tokens = TokenCache(model)
     resume = ResumePoint("offline", fingerprint(cfg.model, cfg.data, cfg.pretrain, o, cfg.online.ppo.gamma, cfg.seed))
     start_epoch, history = 0, []
@@ -272,15 +280,24 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         bar = tqdm(loader, desc=f"offline epoch {epoch + 1}/{o.epochs}", unit="batch",
                    total=-(-len(train_ds) // o.batch_size))
         for batch in bar:
-            batch = _to_device(batch, device)
-            out = model(batch["image"], batch["state"], tokens(batch["command"], device))
+            # Every rank reads the same global batch (same seed) and trains on its own share of it.
+            batch = _to_device(dist.split(batch), device)
+            with autocast(device):
+                out = model(batch["image"], batch["state"], tokens(batch["command"], device))
+            out = type(out)(tuple(p.float() for p in out.action_params), out.trajectory.float(),
+                            out.value.float(), out.features.float())
             parts = bc_losses(model, out, batch, scale, o.trajectory_loss, o.min_log_std)
-            loss = o.trajectory_weight * parts["trajectory"] + o.bc_weight * o.control_weight * parts["control_nll"]
+            transition = batch["action_valid"] & (batch["has_next"] | batch["terminated"]) if critic is not None \
+                else batch["action_valid"]
+            # Masked means over a rank's share: weighted so the averaged gradient is the global batch's.
+            w_traj, w_ctrl, w_rl = dist.share([(batch["traj_valid"] & ~batch["perturbed"]).sum(),
+                                               batch["action_valid"].sum(), transition.sum()])
+            loss = o.trajectory_weight * w_traj * parts["trajectory"] \
+                + o.bc_weight * o.control_weight * w_ctrl * parts["control_nll"]
             if critic is not None:
                 with torch.no_grad():
                     next_value = model(batch["next_image"], batch["next_state"],
                                        tokens(batch["next_command"], device)).value
-                transition = batch["action_valid"] & (batch["has_next"] | batch["terminated"])
                 if transition.any():
                     t = transition
                     actions = interior(batch["action"][t])
@@ -292,19 +309,25 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                     value = model.value_head(feats).squeeze(-1)
                     rl = iql_losses(value, next_value[t], feats, log_prob, actions,
                                     batch["reward"][t].float(), batch["terminated"][t], critic, iql_cfg)
-                    loss = loss + o.iql_weight * (rl["awr_loss"] + o.iql_value_weight * (rl["value_loss"] + rl["q_loss"]))
+                    loss = loss + w_rl * o.iql_weight * (rl["awr_loss"] + o.iql_value_weight * (rl["value_loss"] + rl["q_loss"]))
                     parts.update({k: rl[k] for k in ("value_loss", "q_loss", "awr_loss", "advantage", "v")})
             optim.zero_grad(set_to_none=True)
             loss.backward()
+            dist.average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optim.step()
             if critic is not None:
                 critic.update_target(iql_cfg.tau)
             n = len(batch["state"])
             count += n
+            # Logged per-epoch means weight each rank's term by its share, so they match one process's.
+            weights = {"trajectory": w_traj, "trajectory_l2_m": w_traj, "control_nll": w_ctrl}
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v.item() * n
+                sums[k] = sums.get(k, 0.0) + v.item() * weights.get(k, w_rl) * n
             bar.set_postfix(traj_m=f"{parts['trajectory_l2_m'].item():.2f}", nll=f"{parts['control_nll'].item():.2f}")
+        totals = dist.sum({**sums, "__count": float(count)})
+        count = int(totals.pop("__count"))
+        sums = totals
         reports, ranking = evaluate(model, val, {"ego_mlp": ego_mlp}, tokens, device, step_seconds,
                                     manifest["ego_size"])
         first = reports.get("sim") or next(iter(reports.values()))
@@ -318,7 +341,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                  "epoch": epoch + 1, "history": history}
         if critic is not None:
             state["critic"] = critic.state_dict()
-        resume.save(state)
+        if dist.is_main:
+            resume.save(state)
 
     reports, ranking = evaluate(model, val, {"ego_mlp": ego_mlp}, tokens, device, step_seconds, manifest["ego_size"])
     metrics: dict[str, Any] = {"horizon_seconds": round(cfg.model.trajectory_length * step_seconds, 6), **ranking,
@@ -339,14 +363,17 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         # The mean over the horizon, as the first version reported it.
         "val_l2_mean": float(np.mean(m["l2_per_time"])), "const_velocity_l2_mean": float(np.mean(cv["l2_per_time"])),
     })
-    plot_open_loop(reports, PLOT)
-    save_checkpoint(model.cpu(), o.out, extra={"stage": "offline", "metrics": metrics})
-    if critic is not None:
-        torch.save(critic.cpu().state_dict(), Path(o.out) / "iql_critic.pt")
-    write_json(Path(cfg.metrics_dir) / "offline.json", metrics)
-    write_json(Path(cfg.metrics_dir) / "offline_history.json", history)
-    write_json(Path(cfg.metrics_dir) / "offline_open_loop.json", reports)
-    resume.clear()
+    if dist.is_main:  # one writer: DVC's outputs, the metrics and the resume state
+        plot_open_loop(reports, PLOT)
+        save_checkpoint(model.cpu(), o.out, extra={"stage": "offline", "metrics": metrics,
+                                                   "world_size": dist.world_size})
+        if critic is not None:
+            torch.save(critic.cpu().state_dict(), Path(o.out) / "iql_critic.pt")
+        write_json(Path(cfg.metrics_dir) / "offline.json", metrics)
+        write_json(Path(cfg.metrics_dir) / "offline_history.json", history)
+        write_json(Path(cfg.metrics_dir) / "offline_open_loop.json", reports)
+        resume.clear()
+    dist.barrier()
     return {"paths": {"checkpoint": o.out, "plot": str(PLOT)}, "metrics": metrics}
 
 
