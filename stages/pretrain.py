@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stages.accel import autocast, configure_backends, make_adamw
 from stages.common import resolve_device, seed_everything, stage_main, write_json
 from stages.config import PipelineConfig
 from stages.data.shards import ShardedDataset, load_split_arrays, make_loader
@@ -81,6 +82,7 @@ def evaluate(model, val, tokens: TokenCache, device: str) -> dict[str, float]:
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    configure_backends(device)
     p = cfg.pretrain
     sources = p.caption_sources
     train_ds = ShardedDataset(cfg.data.built, "train", shuffle=True, seed=cfg.seed, sources=sources)
@@ -90,7 +92,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     model = load_or_init(cfg, upstream=None).to(device)
     tokens = TokenCache(model)
     params = encoder_parameters(model)
-    optim = torch.optim.AdamW(params, lr=p.learning_rate, weight_decay=p.weight_decay)
+    optim = make_adamw(params, lr=p.learning_rate, weight_decay=p.weight_decay, device=device)
     resume = ResumePoint("pretrain", fingerprint(cfg.model, cfg.data, p, cfg.seed))
     start_epoch, history = 0, []
     if (state := resume.load()) is not None:
@@ -111,9 +113,10 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             caps = batch["caption"]
             if len(caps) < 2:
                 continue
-            img = model.encode_image(batch["image"].to(device))
-            txt = model.encode_text(tokens(caps, device))
-            loss = contrastive_loss(img, txt, model.logit_scale, caps)
+            with autocast(device):
+                img = model.encode_image(batch["image"].to(device, non_blocking=True))
+                txt = model.encode_text(tokens(caps, device))
+            loss = contrastive_loss(img.float(), txt.float(), model.logit_scale, caps)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
