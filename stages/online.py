@@ -1,50 +1,112 @@
-"""Stage 3 — online: PPO fine-tuning of the offline policy in the simulator.
+"""Stage 3 — online: RL fine-tuning (PPO or SAC) of the offline policy in the simulator.
 
 The embedded ``highway`` backend runs anywhere; ``env.backend=carla`` drives CARLA servers (the
-Prefect flow provisions them). The policy is evaluated on held-out seeds before and after training,
-so the metrics show what online RL added to the stage-2 starting point.
+Prefect flow provisions them). The policy is evaluated on held-out seeds before and after training
+(mean ± standard error over ``online.eval_episodes`` episodes), so the metrics show what online RL
+added to the stage-2 starting point.
+
+Resuming: the trainer checkpoints into ``runs/online/`` after every update; a killed run started
+again with the same settings (and the same stage-2 checkpoint) resumes at the saved step count.
+Changed settings start afresh.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from stages.common import resolve_device, seed_everything, stage_main, write_json
 from stages.config import PipelineConfig
-from stages.rl.evaluation import evaluate_policy
+from stages.resume import fingerprint
 from stages.training import load_or_init, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 # Evaluation seeds lie far from the training and data seeds so the figures are held-out.
 EVAL_SEED_OFFSET = 1_000_000
+RUN_DIR = Path("runs") / "online"
+
+
+def evaluate(model: Any, env: Any, episodes: int, seed: int, device: str) -> dict[str, float]:
+    """Deterministic episodes on seeds ``seed, seed + 1, …``: means and standard errors."""
+    from stages.rl.evaluation import rollout_policy, torch_threads
+
+    with torch_threads(1 if str(device).startswith("cpu") else None):
+        runs = [rollout_policy(model, env, seed + i, True, device) for i in range(episodes)]
+    out: dict[str, float] = {"episodes": float(episodes)}
+    for key, values in (("route_completion", [r["route_completion"] for r in runs]),
+                        ("episode_return", [r["return"] for r in runs]),
+                        ("collision_rate", [float(r["collision"]) for r in runs]),
+                        ("mean_speed", [r.get("mean_speed", 0.0) for r in runs]),
+                        ("episode_steps", [r["steps"] for r in runs])):
+        arr = np.asarray(values, dtype=np.float64)
+        out[key] = float(arr.mean())
+        out[f"{key}_stderr"] = float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else 0.0
+    return out
+
+
+def _digest(path: Path) -> str:
+    """Identity of the stage-2 weights, so a new upstream checkpoint never resumes an old run."""
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        return "none"
+    h = hashlib.sha256()
+    with weights.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
-    from stages.envs import make_env, make_vector_env
-    from stages.rl.ppo import PPOTrainer
+    from stages.envs import make_env
+    from stages.envs.factory import env_fns
 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     o = cfg.online
-    if o.algo != "ppo":
-        raise NotImplementedError(f"online.algo={o.algo!r} is not available yet; use online.algo=ppo")
     model = load_or_init(cfg, upstream=cfg.offline.out).to(device)
+    key = fingerprint(cfg.model, cfg.env, o, {"seed": cfg.seed, "upstream": _digest(Path(cfg.offline.out))})
+    eval_seed = cfg.seed + EVAL_SEED_OFFSET
 
-    eval_env = make_env(cfg.env, seed=cfg.seed + EVAL_SEED_OFFSET)
+    eval_env = make_env(cfg.env, seed=eval_seed)
     t0 = time.perf_counter()
     try:
-        before = evaluate_policy(model, eval_env, o.eval_episodes, cfg.seed + EVAL_SEED_OFFSET, device=device)
+        # The starting point's figures are kept with the run: a resumed run does not re-drive them.
+        saved = json.loads((RUN_DIR / "before.json").read_text()) if (RUN_DIR / "before.json").is_file() else None
+        if saved is not None and saved.get("key") == key:
+            before = saved["metrics"]
+        else:
+            before = evaluate(model, eval_env, o.eval_episodes, eval_seed, device)
+            write_json(RUN_DIR / "before.json", {"key": key, "metrics": before})
         log.info("online: before fine-tuning %s", before)
-        env = make_vector_env(cfg.env, num_envs=o.ppo.num_envs, seed=cfg.seed, autoreset_mode="SameStep")
-        try:
-            trainer = PPOTrainer(model, env, o.ppo, device=device, seed=cfg.seed)
-            train_stats = trainer.train(o.total_timesteps, save_dir=Path("runs") / "online")
-        finally:
-            env.close()
-        after = evaluate_policy(model, eval_env, o.eval_episodes, cfg.seed + EVAL_SEED_OFFSET, device=device)
+
+        if o.algo == "sac":
+            from stages.rl.sac import SACTrainer
+            from stages.rl.vector import vector_env_from_fns
+
+            env = vector_env_from_fns(env_fns(cfg.env, o.sac.num_envs, seed=cfg.seed))
+            try:
+                trainer = SACTrainer(model, env, o.sac, device=device, seed=cfg.seed)
+                train_stats = trainer.train(o.total_timesteps, save_dir=RUN_DIR)
+            finally:
+                env.close()
+        else:
+            from stages.rl.ppo import PPOTrainer
+
+            trainer = PPOTrainer(model, env_fns(cfg.env, o.ppo.num_envs, seed=cfg.seed), o.ppo, device=device,
+                                 seed=cfg.seed)
+            try:
+                train_stats = trainer.train(o.total_timesteps, save_dir=RUN_DIR, checkpoint_key=key)
+            finally:
+                trainer.close()
+
+        after = evaluate(model, eval_env, o.eval_episodes, eval_seed, device)
         log.info("online: after fine-tuning %s", after)
     finally:
         eval_env.close()
@@ -52,8 +114,10 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     metrics = {
         **{f"before_{k}": v for k, v in before.items() if k != "episodes"},
         **{f"after_{k}": v for k, v in after.items() if k != "episodes"},
-        "timesteps": trainer.global_step,
-        "steps_per_second": train_stats.get("steps_per_second", 0.0),
+        "route_completion_gain": after["route_completion"] - before["route_completion"],
+        "eval_episodes": o.eval_episodes,
+        "timesteps": int(trainer.global_step),
+        "steps_per_second": float(train_stats.get("steps_per_second", 0.0)),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     save_checkpoint(model.cpu(), o.out, extra={"stage": "online", "algo": o.algo, "metrics": metrics})

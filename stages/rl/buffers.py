@@ -1,11 +1,20 @@
-"""Rollout storage for on-policy learning and the GAE computation (SB3-style, torch tensors)."""
+"""Rollout storage for on-policy learning and the GAE computation (SB3-style).
+
+The buffer stores observations as the named arrays an `stages.rl.policies.ObsAdapter` describes
+(``image``/``state``/``tokens`` for the driving envs, ``obs`` for a Box env), so one buffer serves
+every policy. Its arrays can live in shared memory (``shared=True``): the asynchronous collector
+(`stages.rl.async_collector`) fills them in another process while the learner updates on the
+previous rollout.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
+
+FieldSpec = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
 def compute_gae(rewards: np.ndarray, values: np.ndarray, dones: np.ndarray, last_values: np.ndarray,
@@ -22,7 +31,7 @@ def compute_gae(rewards: np.ndarray, values: np.ndarray, dones: np.ndarray, last
     last = np.zeros(rewards.shape[1], dtype=np.float32)
     for t in reversed(range(T)):
         if t == T - 1:
-            next_nonterminal = 1.0 - last_dones.astype(np.float32)
+            next_nonterminal = 1.0 - np.asarray(last_dones).astype(np.float32)
             next_values = last_values
         else:
             next_nonterminal = 1.0 - dones[t + 1].astype(np.float32)
@@ -30,14 +39,14 @@ def compute_gae(rewards: np.ndarray, values: np.ndarray, dones: np.ndarray, last
         delta = rewards[t] + gamma * next_values * next_nonterminal - values[t]
         last = delta + gamma * gae_lambda * next_nonterminal * last
         adv[t] = last
-    return adv, adv + values
+    return adv, (adv + values).astype(np.float32)
 
 
 @dataclass
 class RolloutBatch:
-    images: torch.Tensor
-    states: torch.Tensor
-    tokens: torch.Tensor
+    """One minibatch: the observation arrays by name, then the per-step learning targets."""
+
+    obs: dict[str, torch.Tensor]
     actions: torch.Tensor
     log_probs: torch.Tensor
     values: torch.Tensor
@@ -45,28 +54,58 @@ class RolloutBatch:
     returns: torch.Tensor
 
 
-class RolloutBuffer:
-    """``num_steps`` steps of ``num_envs`` envs, stored as numpy arrays until the update."""
+_SCALARS = ("log_probs", "values", "rewards", "advantages", "returns")
 
-    def __init__(self, num_steps: int, num_envs: int, image_shape: tuple[int, ...], state_dim: int,
-                 token_length: int, action_dim: int = 3):
+
+class RolloutBuffer:
+    """``num_steps`` steps of ``num_envs`` envs as ``[T, N, ...]`` arrays.
+
+    ``obs_fields`` is ``{name: (shape, dtype)}`` (see `ObsAdapter.fields`). With ``shared=True``
+    the arrays are numpy views of shared-memory torch tensors, so a buffer sent to another
+    process (through `torch.multiprocessing`) is written in place, not copied.
+    """
+
+    def __init__(self, num_steps: int, num_envs: int, obs_fields: FieldSpec, action_dim: int,
+                 shared: bool = False):
         T, N = num_steps, num_envs
-        self.images = np.zeros((T, N, *image_shape), dtype=np.uint8)
-        self.states = np.zeros((T, N, state_dim), dtype=np.float32)
-        self.tokens = np.zeros((T, N, token_length), dtype=np.int64)
-        self.actions = np.zeros((T, N, action_dim), dtype=np.float32)
-        self.log_probs = np.zeros((T, N), dtype=np.float32)
-        self.values = np.zeros((T, N), dtype=np.float32)
-        self.rewards = np.zeros((T, N), dtype=np.float32)
-        self.dones = np.zeros((T, N), dtype=bool)
-        self.advantages = np.zeros((T, N), dtype=np.float32)
-        self.returns = np.zeros((T, N), dtype=np.float32)
-        self.num_steps, self.num_envs = T, N
+        self.num_steps, self.num_envs, self.action_dim = T, N, action_dim
+        self.obs_fields = {k: (tuple(shape), np.dtype(dtype)) for k, (shape, dtype) in obs_fields.items()}
+        self.shared = shared
+        specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {
+            **{f"obs.{k}": ((T, N, *shape), dtype) for k, (shape, dtype) in self.obs_fields.items()},
+            "actions": ((T, N, action_dim), np.dtype(np.float32)),
+            **{k: ((T, N), np.dtype(np.float32)) for k in _SCALARS},
+            "dones": ((T, N), np.dtype(np.bool_)),
+            "last_values": ((N,), np.dtype(np.float32)),
+            "last_dones": ((N,), np.dtype(np.bool_)),
+        }
+        self._tensors = {k: _zeros(shape, dtype, shared) for k, (shape, dtype) in specs.items()}
+        self._bind()
         self.pos = 0
 
-    def add(self, images, states, tokens, actions, log_probs, values, rewards, dones) -> None:
+    def _bind(self) -> None:
+        arrays = {k: t.numpy() for k, t in self._tensors.items()}
+        self.obs = {k[4:]: v for k, v in arrays.items() if k.startswith("obs.")}
+        for k, v in arrays.items():
+            if not k.startswith("obs."):
+                setattr(self, k, v)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickle the tensors (shared storage travels by handle) and rebuild the numpy views after.
+        keep = ("num_steps", "num_envs", "action_dim", "obs_fields", "shared", "_tensors", "pos")
+        return {k: self.__dict__[k] for k in keep}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._bind()
+
+    # -- filling ---------------------------------------------------------------------------------
+    def add(self, obs: dict[str, np.ndarray], actions: np.ndarray, log_probs: np.ndarray, values: np.ndarray,
+            rewards: np.ndarray, dones: np.ndarray) -> None:
+        """Append one step of every env. ``dones[i]``: ``obs[i]`` starts a new episode."""
         t = self.pos
-        self.images[t], self.states[t], self.tokens[t] = images, states, tokens
+        for k, v in obs.items():
+            self.obs[k][t] = v
         self.actions[t], self.log_probs[t], self.values[t] = actions, log_probs, values
         self.rewards[t], self.dones[t] = rewards, dones
         self.pos += 1
@@ -76,18 +115,34 @@ class RolloutBuffer:
         return self.pos == self.num_steps
 
     def finish(self, last_values: np.ndarray, last_dones: np.ndarray, gamma: float, gae_lambda: float) -> None:
-        self.advantages, self.returns = compute_gae(self.rewards, self.values, self.dones, last_values,
-                                                    last_dones, gamma, gae_lambda)
+        """Bootstrap from the observation after the rollout and compute advantages and returns."""
+        self.last_values[:] = last_values
+        self.last_dones[:] = last_dones
+        self.compute_advantages(gamma, gae_lambda)
 
+    def compute_advantages(self, gamma: float, gae_lambda: float) -> None:
+        adv, ret = compute_gae(self.rewards, self.values, self.dones, self.last_values, self.last_dones,
+                               gamma, gae_lambda)
+        self.advantages[:], self.returns[:] = adv, ret
+
+    # -- reading ---------------------------------------------------------------------------------
     def minibatches(self, batch_size: int, device: str | torch.device,
                     rng: np.random.Generator) -> Iterator[RolloutBatch]:
-        flat = lambda a: a.reshape(self.num_steps * self.num_envs, *a.shape[2:])  # noqa: E731
-        arrays = [flat(a) for a in (self.images, self.states, self.tokens, self.actions, self.log_probs,
-                                    self.values, self.advantages, self.returns)]
-        order = rng.permutation(len(arrays[0]))
-        for i in range(0, len(order), batch_size):
+        """Shuffled minibatches over all ``T * N`` steps (the last one may be smaller)."""
+        n = self.num_steps * self.num_envs
+        flat = lambda a: a.reshape(n, *a.shape[2:])  # noqa: E731
+        obs = {k: flat(v) for k, v in self.obs.items()}
+        rest = [flat(a) for a in (self.actions, self.log_probs, self.values, self.advantages, self.returns)]
+        order = rng.permutation(n)
+        for i in range(0, n, batch_size):
             idx = order[i:i + batch_size]
-            yield RolloutBatch(*(torch.from_numpy(a[idx]).to(device) for a in arrays))
+            yield RolloutBatch({k: torch.from_numpy(v[idx]).to(device) for k, v in obs.items()},
+                               *(torch.from_numpy(a[idx]).to(device) for a in rest))
 
     def reset(self) -> None:
         self.pos = 0
+
+
+def _zeros(shape: tuple[int, ...], dtype: np.dtype, shared: bool) -> torch.Tensor:
+    t = torch.from_numpy(np.zeros(shape, dtype=dtype))
+    return t.share_memory_() if shared else t

@@ -1,6 +1,8 @@
 """Hyper-parameters of the online RL algorithms (names as in the seed document)."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -21,12 +23,28 @@ class PPOConfig(_Strict):
     num_envs: int = Field(1, ge=1)
     entropy_coef: float = Field(0.0, ge=0)
     value_coef: float = Field(0.5, ge=0)
-    clip_value: bool = True
+    # Off by default (as in SB3): the clip range is in the value's own units, so with driving returns
+    # in the hundreds a ±clip_epsilon step per update leaves the critic stuck near its start.
+    clip_value: bool = False
     max_grad_norm: float = Field(0.5, gt=0)
     target_kl: float | None = Field(None, gt=0)
     normalize_advantages: bool = True
     anneal_lr: bool = False
-    freeze_encoders: bool = False
+    value_warmup_steps: int = Field(
+        0, ge=0, description="env steps at the start whose updates train only the value head: a policy taken "
+                             "from imitation comes with a value head that does not know the online "
+                             "reward, and advantages from it would only add noise to the policy")
+    freeze_encoders: bool = Field(False, description="train only fusion and heads, not the vision/text encoders")
+    async_collection: bool = Field(
+        False, description="env workers keep stepping with the previous policy while the learner updates "
+                           "(needs env constructors; see stages.rl.async_collector)")
+    async_slots: int = Field(2, ge=2, le=8, description="rollout buffers in flight with async_collection")
+    learner_threads: int | None = Field(
+        None, ge=1, description="torch threads of the update; None: torch's default, or one core less "
+                                "with async_collection (the collector's inference has the other one)")
+    start_method: Literal["spawn", "forkserver", "fork"] | None = Field(
+        None, description="multiprocessing start method of env workers; None: the platform default "
+                          "(async_collection always uses spawn or forkserver, never fork)")
 
     @model_validator(mode="after")
     def _rollout_divides(self) -> "PPOConfig":
@@ -52,3 +70,11 @@ class SACConfig(_Strict):
     num_envs: int = Field(1, ge=1)
     offline_ratio: float = Field(0.0, ge=0, le=1, description="share of each batch drawn from offline data")
     freeze_encoders: bool = False
+    target_entropy: float | None = Field(None, description="entropy alpha is tuned toward, measured with the "
+                                         "actions scaled to [-1, 1]; None = -action_dim (SB3's choice)")
+    random_warmup: bool = Field(True, description="uniform random actions before learning_starts (SB3); "
+                                "False acts with the policy, the better start from a trained checkpoint")
+    train_trunk: bool = Field(True, description="the critic's TD loss trains the shared feature trunk "
+                              "(the encoders too unless freeze_encoders); False trains the heads only")
+    q_hidden_dim: int = Field(256, ge=1, description="width of the twin Q heads' two hidden layers")
+    max_grad_norm: float | None = Field(None, gt=0, description="clip each loss's gradient norm; None = no clipping")

@@ -1,119 +1,173 @@
-"""PPO for DrivingVLA (clipped surrogate, GAE, value clipping), written to be read top to bottom.
+"""PPO (clipped surrogate, GAE, value clipping), written to be read top to bottom.
 
 ``PPOTrainer(model, env, config).train(total_timesteps, save_dir)`` as in the seed document.
-Rollout collection (:meth:`PPOTrainer.collect_rollouts`) is separate from the update
-(:meth:`PPOTrainer.update`), as in Stable-Baselines3.
+Rollout collection is separate from the update (:meth:`PPOTrainer.update`), as in Stable-Baselines3,
+and comes in two kinds:
+
+- synchronous (:meth:`PPOTrainer.collect_rollouts`): the trainer steps a gymnasium vector env, then
+  updates; simple and exactly on-policy;
+- asynchronous (``config.async_collection``, needs env *constructors*): env workers in their own
+  processes keep stepping with the previous policy while the learner updates
+  (`stages.rl.async_collector`). Each rollout is at most one update behind the learner; PPO's
+  ratio against the stored behaviour log-probabilities corrects for it. This is what keeps slow
+  simulators (CARLA at 25 FPS) busy: the update no longer stalls them.
+
+The model is `DrivingVLA` or anything with its RL interface (see `stages.rl.policies`, whose
+`MLPActorCritic` runs the same code on gymnasium's Box tasks). Time-limit truncation is bootstrapped
+from the value of the final observation (``info["final_obs"]``, same-step autoreset).
+
+With a ``save_dir`` the trainer writes TensorBoard scalars and a checkpoint (model, optimiser, RNG
+states, counters) every ``checkpoint_every`` updates; a new trainer given the same ``save_dir``
+resumes from it at the same step count (`stages.rl.checkpoint`).
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import gymnasium as gym
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from stages.rl.buffers import RolloutBuffer
+from stages.rl.checkpoint import TrainingCheckpoint, capture_rng, restore_rng
 from stages.rl.configs import PPOConfig
-from stages.training import ENCODER_PREFIXES, trim_padding
-from stages.rl.vector import as_vector_env, commands_of, final_obs, final_values
+from stages.rl.policies import ObsAdapter, make_obs_adapter
+from stages.rl.vector import as_vector_env, final_obs, final_values, vector_env_from_fns
+from stages.training import ENCODER_PREFIXES
 
 log = logging.getLogger(__name__)
 
 __all__ = ["PPOConfig", "PPOTrainer"]
 
 
-
 class PPOTrainer:
+    """PPO on a vector env (or on env constructors, for asynchronous collection).
+
+    ``env``: a gymnasium ``VectorEnv`` built with same-step autoreset, a single env (wrapped into a
+    one-env vector), or a sequence of env constructors (picklable callables, e.g.
+    `stages.envs.factory.env_fns`). Constructors are required for ``config.async_collection``;
+    without it they are built into a vector env (one subprocess each when there are several).
+    """
+
     def __init__(self, model: torch.nn.Module, env: Any, config: PPOConfig | None = None,
                  device: str | torch.device = "cpu", seed: int = 0):
-        self.config = config or PPOConfig()
-        self.model = model.to(device)
-        self.env = as_vector_env(env)
+        self.config = cfg = config or PPOConfig()
         self.device = torch.device(device)
-        self.num_envs = self.env.num_envs
-        self.rollout_len = max(1, self.config.num_steps // self.num_envs)
-        if self.config.freeze_encoders:
+        self.model = model.to(self.device)
+        self.seed = seed
+        self.env_fns: list[Callable[[], gym.Env]] | None = None
+        self.env: gym.vector.VectorEnv | None = None
+        self._collector: Any = None
+        if _is_env_fns(env):
+            self.env_fns = list(env)
+            if cfg.async_collection:
+                from stages.rl.async_collector import AsyncCollector
+
+                self._collector = AsyncCollector(self.env_fns, context=cfg.start_method)
+                obs_space, act_space = self._collector.observation_space, self._collector.action_space
+            else:
+                self.env = vector_env_from_fns(self.env_fns, context=cfg.start_method)
+        elif cfg.async_collection:
+            raise ValueError("async_collection needs env constructors (e.g. stages.envs.factory.env_fns(cfg, n)), "
+                             "not a built env: the collector starts the envs in its own worker processes")
+        else:
+            self.env = as_vector_env(env)
+        if self.env is not None:
+            obs_space, act_space = self.env.single_observation_space, self.env.single_action_space
+        self.num_envs = len(self.env_fns) if self._collector is not None else self.env.num_envs
+        if cfg.num_steps % self.num_envs:
+            raise ValueError(f"num_steps ({cfg.num_steps}) must be a multiple of the number of envs ({self.num_envs})")
+        if cfg.num_envs != self.num_envs:
+            log.info("ppo: config.num_envs=%d but the env has %d; using %d", cfg.num_envs, self.num_envs, self.num_envs)
+        self.rollout_len = cfg.num_steps // self.num_envs
+        self.action_dim = int(np.prod(act_space.shape))
+        # Frozen encoders: rollouts store the encoders' outputs, so updates skip the encoders.
+        self.adapter: ObsAdapter = make_obs_adapter(self.model, obs_space, encoded=cfg.freeze_encoders)
+        self.policy = self.adapter.policy(self.model)
+
+        if cfg.freeze_encoders:
+            frozen = 0
             for name, p in self.model.named_parameters():
                 if name.startswith(ENCODER_PREFIXES):
                     p.requires_grad_(False)
+                    frozen += p.numel()
+            log.info("ppo: froze %d encoder parameters", frozen)
+        self._non_value_params = [p for n, p in self.model.named_parameters()
+                                  if p.requires_grad and not n.startswith("value_head")]
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
-                                          lr=self.config.learning_rate, eps=1e-5)
+                                          lr=cfg.learning_rate, eps=1e-5)
         self.rng = np.random.default_rng(seed)
-        self.seed = seed
         self.global_step = 0
         self.updates = 0
         self.episode_returns: deque[float] = deque(maxlen=50)
         self.episode_completion: deque[float] = deque(maxlen=50)
-        self._token_cache: dict[str, np.ndarray] = {}
-        self._obs: dict[str, Any] | None = None
+        self._obs: Any = None
         self._dones = np.zeros(self.num_envs, dtype=bool)
         self._ep_return = np.zeros(self.num_envs, dtype=np.float64)
 
-    # -- observations -------------------------------------------------------------------------
-    def _tokens(self, commands: list[str]) -> np.ndarray:
-        missing = [c for c in dict.fromkeys(commands) if c not in self._token_cache]
-        if missing:
-            for c, ids in zip(missing, self.model.tokenize(missing)):
-                self._token_cache[c] = ids.numpy()
-        return np.stack([self._token_cache[c] for c in commands])
-
-    def _to_tensors(self, obs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tokens = self._tokens(commands_of(obs))
-        return (torch.as_tensor(np.asarray(obs["image"]), device=self.device),
-                torch.as_tensor(np.asarray(obs["state"], dtype=np.float32), device=self.device),
-                trim_padding(torch.as_tensor(tokens, device=self.device)))
-
+    # -- rollout (synchronous) ------------------------------------------------------------------
     @torch.no_grad()
-    def _value_of(self, obs: dict[str, Any]) -> float:
-        batched = {k: (np.asarray(v)[None] if k != "command" else [v]) for k, v in obs.items()}
-        return float(self.model(*self._to_tensors(batched)).value[0])
+    def _values_of(self, observations: list[Any]) -> np.ndarray:
+        """Critic values of single (unbatched) observations, e.g. the final ones of truncated episodes."""
+        return self.policy(*self.adapter.to_inputs(self.adapter.stack(observations), self.device)).value.float().cpu().numpy()
 
-    # -- rollout --------------------------------------------------------------------------------
     @torch.no_grad()
     def collect_rollouts(self, buffer: RolloutBuffer) -> None:
+        """Fill ``buffer`` with ``rollout_len`` steps of every env, then compute GAE."""
         cfg = self.config
         self.model.eval()
         if self._obs is None:
-            self._obs, _ = self.env.reset(seed=self.seed)
+            # A resumed run starts new episodes from a seed of its own, not the first run's.
+            self._obs, _ = self.env.reset(seed=self.seed + 7919 * self.updates)
+            self._dones[:] = False
+            self._ep_return[:] = 0.0
         buffer.reset()
         while not buffer.full:
-            image, state, tokens = self._to_tensors(self._obs)
-            action, log_prob, value = self.model.act(image, state, tokens)
+            fields = self.adapter.encode(self._obs)
+            inputs = self.adapter.model_inputs({k: torch.as_tensor(v, device=self.device) for k, v in fields.items()})
+            action, log_prob, value = self.policy.act(*inputs)
             actions = action.cpu().numpy()
             next_obs, reward, terminated, truncated, infos = self.env.step(actions)
             reward = np.asarray(reward, dtype=np.float32).copy()
+            terminated, truncated = np.asarray(terminated, bool), np.asarray(truncated, bool)
             self._ep_return += reward
-            done = np.logical_or(terminated, truncated)
+            done = terminated | truncated
+            # Time-limit truncation: the episode did not really end, so bootstrap from V(s_T).
+            cut = [i for i in np.flatnonzero(truncated & ~terminated) if final_obs(infos, i) is not None]
+            if cut:
+                reward[cut] += cfg.gamma * self._values_of([final_obs(infos, i) for i in cut])
             for i in np.flatnonzero(done):
-                # Time-limit truncation: the episode did not really end, so bootstrap from V(s_T).
-                if truncated[i] and not terminated[i] and (fo := final_obs(infos, i)) is not None:
-                    reward[i] += cfg.gamma * self._value_of(fo)
                 self.episode_returns.append(float(self._ep_return[i]))
                 self.episode_completion.append(float(final_values(infos, "route_completion", i, 0.0)))
                 self._ep_return[i] = 0.0
-            full = np.zeros((self.num_envs, buffer.tokens.shape[-1]), dtype=np.int64)
-            full[:, :tokens.shape[1]] = tokens.cpu().numpy()
-            buffer.add(image.cpu().numpy(), state.cpu().numpy(), full, actions,
-                       log_prob.cpu().numpy(), value.cpu().numpy(), reward, self._dones)
+            buffer.add(fields, actions, log_prob.float().cpu().numpy(), value.float().cpu().numpy(), reward,
+                       self._dones)
             self._obs, self._dones = next_obs, done
             self.global_step += self.num_envs
-        last_value = self.model(*self._to_tensors(self._obs)).value.cpu().numpy()
+        last_value = self.policy(*self.adapter.to_inputs(self._obs, self.device)).value.float().cpu().numpy()
         buffer.finish(last_value, self._dones, cfg.gamma, cfg.gae_lambda)
 
     # -- update ---------------------------------------------------------------------------------
     def update(self, buffer: RolloutBuffer) -> dict[str, float]:
+        """``num_epochs`` passes of clipped-surrogate minibatch SGD over ``buffer``."""
         cfg = self.config
         self.model.train()
         stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "entropy": [], "approx_kl": [],
                                          "clip_fraction": []}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # Critic warm-up: the rollout's steps are already counted, so "<=" includes the last one.
+        warmup = self.global_step <= cfg.value_warmup_steps
+        epochs = 0
         for _ in range(cfg.num_epochs):
+            epoch_kl: list[float] = []
             for mb in buffer.minibatches(cfg.batch_size, self.device, self.rng):
-                log_prob, entropy, value = self.model.evaluate_actions(mb.images, mb.states, trim_padding(mb.tokens),
-                                                                       mb.actions)
+                log_prob, entropy, value = self.policy.evaluate_actions(*self.adapter.model_inputs(mb.obs), mb.actions)
                 log_ratio = log_prob - mb.log_probs
                 ratio = log_ratio.exp()
                 adv = mb.advantages
@@ -127,59 +181,165 @@ class PPOTrainer:
                 else:
                     v_loss = 0.5 * ((value - mb.returns) ** 2).mean()
                 ent = entropy.mean()
-                loss = pg_loss + cfg.value_coef * v_loss - cfg.entropy_coef * ent
+                if warmup:
+                    loss = cfg.value_coef * v_loss
+                else:
+                    loss = pg_loss + cfg.value_coef * v_loss - cfg.entropy_coef * ent
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                if warmup:  # only the value head moves: a shared trunk would drag the policy along
+                    for p in self._non_value_params:
+                        p.grad = None
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 self.optimizer.step()
                 with torch.no_grad():
                     approx_kl = ((ratio - 1) - log_ratio).mean().item()  # the unbiased k3 estimator
+                epoch_kl.append(approx_kl)
                 stats["policy_loss"].append(pg_loss.item())
                 stats["value_loss"].append(v_loss.item())
                 stats["entropy"].append(ent.item())
                 stats["approx_kl"].append(approx_kl)
                 stats["clip_fraction"].append(((ratio - 1).abs() > cfg.clip_epsilon).float().mean().item())
-            if cfg.target_kl is not None and np.mean(stats["approx_kl"][-5:]) > cfg.target_kl:
+            epochs += 1
+            if cfg.target_kl is not None and float(np.mean(epoch_kl)) > cfg.target_kl:
                 break
         self.updates += 1
-        return {k: float(np.mean(v)) for k, v in stats.items()}
+        out = {k: float(np.mean(v)) for k, v in stats.items()}
+        out["epochs"] = float(epochs)
+        out["value_warmup"] = float(warmup)
+        var = float(np.var(buffer.returns))
+        out["explained_variance"] = float("nan") if var == 0 else 1.0 - float(np.var(buffer.returns - buffer.values)) / var
+        return out
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs: weights, optimiser, counters, RNG states, episode stats."""
+        return {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "global_step": self.global_step, "updates": self.updates,
+                "rng": {**capture_rng(), "trainer": self.rng.bit_generator.state},
+                "episode_returns": list(self.episode_returns),
+                "episode_completion": list(self.episode_completion)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.global_step, self.updates = int(state["global_step"]), int(state["updates"])
+        restore_rng(state["rng"])
+        self.rng.bit_generator.state = state["rng"]["trainer"]
+        self.episode_returns.extend(state["episode_returns"])
+        self.episode_completion.extend(state["episode_completion"])
+        self._obs = None  # environments cannot be restored: new episodes start on the next rollout
 
     # -- loop -----------------------------------------------------------------------------------
     def train(self, total_timesteps: int, save_dir: str | Path | None = None,
-              callback: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
-        obs_space = self.env.single_observation_space
-        buffer = RolloutBuffer(self.rollout_len, self.num_envs, obs_space["image"].shape,
-                               obs_space["state"].shape[0], self.model.config.max_text_length)
-        writer = None
-        if save_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
+              callback: Callable[[dict[str, float]], None] | None = None,
+              checkpoint_every: int = 1, resume: bool = True, checkpoint_key: str | None = None) -> dict[str, float]:
+        """Train until ``global_step >= total_timesteps``; returns the last update's statistics.
 
-            writer = SummaryWriter(str(Path(save_dir) / "tensorboard"))
+        ``save_dir``: TensorBoard scalars (``tensorboard/``) and ``checkpoint.pt`` every
+        ``checkpoint_every`` updates; with ``resume`` an existing checkpoint there is loaded first.
+        ``checkpoint_key`` (e.g. a config fingerprint) is stored with it; a checkpoint with another key
+        is not resumed from. ``callback(stats)`` runs after every update (its ``global_step`` key says where training is);
+        returning ``False`` stops training there.
+        """
+        cfg = self.config
+        ckpt = TrainingCheckpoint(save_dir, key=checkpoint_key) if save_dir is not None else None
+        if ckpt is not None and resume and (state := ckpt.load()) is not None:
+            self.load_state_dict(state)
+            log.info("ppo: resumed at step %d (update %d) from %s", self.global_step, self.updates, ckpt.path)
+        writer = _summary_writer(save_dir)
         start, start_step = time.perf_counter(), self.global_step
-        bar = tqdm(total=total_timesteps, initial=min(self.global_step, total_timesteps), desc="ppo", unit="step")
+        bar = tqdm(total=total_timesteps, initial=min(self.global_step, total_timesteps), desc="ppo", unit="step",
+                   disable=None)
         stats: dict[str, float] = {}
+        buffer = None
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(self._learner_threads())
         try:
+            if self._collector is not None:
+                self._collector.start(self.model, self.adapter, self.rollout_len, self.action_dim, cfg.gamma,
+                                      seed=self.seed + 7919 * self.updates, num_slots=cfg.async_slots)
+            else:
+                buffer = RolloutBuffer(self.rollout_len, self.num_envs, self.adapter.fields(), self.action_dim)
             while self.global_step < total_timesteps:
-                if self.config.anneal_lr:
+                if cfg.anneal_lr:
                     frac = 1.0 - self.global_step / total_timesteps
                     for group in self.optimizer.param_groups:
-                        group["lr"] = frac * self.config.learning_rate
+                        group["lr"] = frac * cfg.learning_rate
                 before = self.global_step
-                self.collect_rollouts(buffer)
-                stats = self.update(buffer)
+                roll: dict[str, float] = {}
+                if self._collector is None:
+                    self.collect_rollouts(buffer)
+                    t_update = time.perf_counter()
+                    stats = self.update(buffer)
+                    stats["update_seconds"] = time.perf_counter() - t_update
+                else:
+                    buffer, roll = self._collector.get()
+                    buffer.compute_advantages(cfg.gamma, cfg.gae_lambda)
+                    self.episode_returns.extend(roll.pop("episode_returns"))
+                    self.episode_completion.extend(roll.pop("episode_completion"))
+                    self.global_step += self.rollout_len * self.num_envs
+                    t_update = time.perf_counter()
+                    stats = self.update(buffer)
+                    stats["update_seconds"] = time.perf_counter() - t_update
+                    self._collector.publish(self.model)
+                    self._collector.release(buffer)
+                    roll["env_steps"] = float(self._collector.steps_taken)
+                    roll["env_seconds"] = time.monotonic() - (self._collector.first_step_time or time.monotonic())
+                stats.update(roll)
+                stats["global_step"] = float(self.global_step)
                 stats["steps_per_second"] = (self.global_step - start_step) / (time.perf_counter() - start)
                 if self.episode_returns:
                     stats["episode_return"] = float(np.mean(self.episode_returns))
                     stats["route_completion"] = float(np.mean(self.episode_completion))
                 bar.update(self.global_step - before)
-                bar.set_postfix(sps=f"{stats['steps_per_second']:.0f}", ret=f"{stats.get('episode_return', float('nan')):.1f}")
+                bar.set_postfix(sps=f"{stats['steps_per_second']:.0f}",
+                                ret=f"{stats.get('episode_return', float('nan')):.1f}")
                 if writer is not None:
                     for key, value in stats.items():
                         writer.add_scalar(f"ppo/{key}", value, self.global_step)
-                if callback is not None:
-                    callback(stats)
+                if ckpt is not None and (self.updates % checkpoint_every == 0 or self.global_step >= total_timesteps):
+                    ckpt.save(self.state_dict())
+                if callback is not None and callback(stats) is False:
+                    log.info("ppo: stopped by the callback at step %d", self.global_step)
+                    break
         finally:
+            torch.set_num_threads(threads_before)
             bar.close()
             if writer is not None:
                 writer.close()
+            if self._collector is not None:
+                self._collector.stop()
         return stats
+
+    def _learner_threads(self) -> int:
+        if self.config.learner_threads is not None:
+            return self.config.learner_threads
+        if self._collector is not None:
+            # Oversubscribed OpenMP pools spin against each other: leave the collector a core.
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            return max(1, min(torch.get_num_threads(), cores - 1))
+        return torch.get_num_threads()
+
+    def close(self) -> None:
+        """Stop the collector's or the vector env's worker processes."""
+        if self._collector is not None:
+            self._collector.close()
+        if self.env is not None and self.env_fns is not None:
+            self.env.close()  # built here from constructors: ours to close
+
+
+def _is_env_fns(env: Any) -> bool:
+    return isinstance(env, Sequence) and not isinstance(env, (str, bytes)) and all(callable(f) for f in env)
+
+
+def _summary_writer(save_dir: str | Path | None) -> Any:
+    if save_dir is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: training goes on without the scalars
+        log.warning("tensorboard is not installed: no scalars are written (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(Path(save_dir) / "tensorboard"))

@@ -1,7 +1,7 @@
 """Glue between gymnasium envs and the batched policy: vector envs, observations → tensors."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -41,3 +41,12 @@ def final_obs(infos: dict[str, Any], index: int) -> dict[str, Any] | None:
     if "final_obs" not in infos or not infos.get("_final_obs", np.zeros(index + 1, bool))[index]:
         return None
     return infos["final_obs"][index]
+
+
+def vector_env_from_fns(env_fns: list[Callable[[], gym.Env]], context: str | None = None) -> gym.vector.VectorEnv:
+    """A same-step-autoreset vector env over ``env_fns``: in-process for one env, one subprocess
+    each for several (``shared_memory=False``: see `stages.envs.factory` on Text observations)."""
+    mode = gym.vector.AutoresetMode.SAME_STEP
+    if len(env_fns) == 1:
+        return gym.vector.SyncVectorEnv(env_fns, autoreset_mode=mode)
+    return gym.vector.AsyncVectorEnv(env_fns, shared_memory=False, autoreset_mode=mode, context=context)
