@@ -76,22 +76,27 @@ class PretrainParams(_Strict):
 
 class OfflineParams(_Strict):
     out: str = "checkpoints/offline"
-    epochs: int = Field(6, ge=1)
+    epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(5e-4, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     control_weight: float = Field(1.0, ge=0)
     trajectory_weight: float = Field(1.0, ge=0)
     trajectory_loss: Literal["l1", "l2"] = "l2"
     bc_weight: float = Field(1.0, ge=0, description="weight of behaviour cloning in the policy loss")
     iql_weight: float = Field(1.0, ge=0, description="weight of IQL (value, Q and advantage-weighted policy)")
+    iql_gamma: float = Field(0.99, ge=0, le=1, description="discount of the IQL critic; must equal "
+                                                          "online.ppo.gamma (stage 3 starts from this critic)")
     iql_expectile: float = Field(0.7, gt=0, lt=1)
     iql_temperature: float = Field(3.0, ge=0, description="beta of exp(beta * advantage)")
     iql_max_weight: float = Field(100.0, gt=0)
     iql_tau: float = Field(0.005, gt=0, le=1, description="Polyak rate of the target Q heads")
     iql_value_weight: float = Field(1.0, ge=0, description="weight of the value and Q losses")
-    reward_scale: float = Field(0.1, gt=0, description="rewards are multiplied by this for the critic")
+    reward_scale: float = Field(0.1, gt=0, description="the critic's errors are measured in reward_scale x "
+                                                          "reward units; V itself stays in reward units")
     ego_mlp_epochs: int = Field(60, ge=1, description="epochs of the ego-status MLP baseline")
+    min_log_std: float = Field(-2.0, ge=-5, le=0, description="floor of the policy's log-std in the "
+                                                              "offline log-likelihoods (squashed Gaussian)")
     encoder_lr_scale: float = Field(0.3, ge=0, description="learning rate of the pretrained encoders, "
                                                           "relative to learning_rate")
 
@@ -172,13 +177,23 @@ class PipelineConfig(_Strict):
     promote: PromoteParams = PromoteParams()
     carla: CarlaServerConfig = CarlaServerConfig()
 
+    @model_validator(mode="after")
+    def _one_discount(self) -> "PipelineConfig":
+        # The offline critic is what online RL starts from: both must discount alike. Kept as two
+        # keys so the offline stage tracks only its own section (DVC reruns exactly what changed).
+        if self.offline.iql_gamma != self.online.ppo.gamma:
+            raise ValueError(f"offline.iql_gamma={self.offline.iql_gamma} differs from online.ppo.gamma="
+                             f"{self.online.ppo.gamma}: set both to the same discount")
+        return self
+
 
 # Presets hold only what differs from the defaults above.
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "model": {"size": "tiny", "image_size": 32},
         "env": {"image_size": 32, "max_episode_steps": 30},
-        "data": {"episodes": 4, "num_workers": 0, "shard_size": 64},
+        # 30-step episodes: waypoints 0.1 s apart (1 s ahead), so every episode has full horizons.
+        "data": {"episodes": 4, "num_workers": 0, "shard_size": 64, "waypoint_stride": 1},
         "pretrain": {"epochs": 1, "batch_size": 16},
         "offline": {"epochs": 1, "batch_size": 16, "ego_mlp_epochs": 2},
         "online": {"total_timesteps": 64, "eval_episodes": 1,
@@ -186,7 +201,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "export": {"parity_batch_sizes": [1, 7, 32], "latency_iters": 5, "latency_warmup": 1},
         "evaluate": {"scenarios": ["highway", "urban"], "episodes": 1, "strip_frames": 6, "gif_max_frames": 30},
     },
-    "demo": {"evaluate": {"scenarios": ["highway", "urban", "night", "rain"], "episodes": 2}},
+    "demo": {"evaluate": {"scenarios": ["highway", "urban", "night", "rain"], "episodes": 2},
+             # About 4-5 min on 2 CPU cores: frozen encoders (cheap updates), a critic warm-up (the
+             # stage-2 value head does not know the online reward), 20 held-out episodes per side.
+             "online": {"total_timesteps": 49152, "eval_episodes": 20,
+                        "ppo": {"num_envs": 4, "num_steps": 4096, "batch_size": 64, "num_epochs": 10,
+                                "learning_rate": 3e-4, "freeze_encoders": True, "value_warmup_steps": 8192,
+                                "target_kl": 0.03}}},
     "carla": {
         "model": {"size": "base", "image_size": 224},
         "env": {"backend": "carla", "scenario": "urban", "image_size": 224, "max_episode_steps": 1000},
@@ -195,7 +216,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pretrain": {"epochs": 20, "batch_size": 256},
         "offline": {"epochs": 30, "batch_size": 256},
         "online": {"total_timesteps": 1_000_000,
-                   "ppo": {"num_steps": 2048, "batch_size": 64, "num_epochs": 10, "num_envs": 4}},
+                   "ppo": {"num_steps": 2048, "batch_size": 64, "num_epochs": 10, "num_envs": 4,
+                           # one CARLA server per env worker; they keep stepping during updates
+                           "async_collection": True}},
     },
 }
 
@@ -239,7 +262,10 @@ def _describe(errors: list[dict[str, Any]], merged: dict[str, Any]) -> str:
         else:
             allowed = err.get("ctx", {})
             hint = f" [{', '.join(f'{k}={v}' for k, v in allowed.items() if k != 'error')}]" if allowed else ""
-            lines.append(f"  - {loc or '(root)'} = {given!r}: {err['msg']}{hint}")
+            if loc:
+                lines.append(f"  - {loc} = {given!r}: {err['msg']}{hint}")
+            else:  # a rule across several keys: its message names them
+                lines.append(f"  - {err['msg'].removeprefix('Value error, ')}")
     return "invalid configuration:\n" + "\n".join(lines)
 
 

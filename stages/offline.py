@@ -230,7 +230,7 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
                            f"(episodes shorter than the horizon): lower data.waypoint_stride or raise "
                            f"env.max_episode_steps, then rerun the data stage")
     use_iql = o.iql_weight > 0
-    iql_cfg = IQLConfig(gamma=cfg.online.ppo.gamma, expectile=o.iql_expectile, temperature=o.iql_temperature,
+    iql_cfg = IQLConfig(gamma=o.iql_gamma, expectile=o.iql_expectile, temperature=o.iql_temperature,
                         max_weight=o.iql_max_weight, tau=o.iql_tau, reward_scale=o.reward_scale)
     train_ds = ShardedDataset(built, "train", shuffle=True, seed=cfg.seed, with_next=use_iql)
     loader = make_loader(train_ds, o.batch_size, cfg.data.num_workers)
@@ -246,7 +246,7 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
               {"params": [p for p in params if id(p) not in pretrained], "lr": o.learning_rate}]
     optim = make_adamw(groups, lr=o.learning_rate, weight_decay=o.weight_decay, device=device)
     tokens = TokenCache(model)
-    resume = ResumePoint("offline", fingerprint(cfg.model, cfg.data, cfg.pretrain, o, cfg.online.ppo.gamma, cfg.seed))
+    resume = ResumePoint("offline", fingerprint(cfg.model, cfg.data, cfg.pretrain, o, cfg.seed))
     start_epoch, history = 0, []
     if (state := resume.load()) is not None:
         model.load_state_dict(state["model"])

@@ -278,9 +278,11 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
 def make_loader(dataset: ShardedDataset, batch_size: int, num_workers: int = 0) -> DataLoader:
     """A DataLoader over ``dataset``; workers split the shards (each worker makes its own batches)."""
     workers = min(num_workers, len(dataset.shards))
+    # forkserver, not fork: the caller may already run threads (a Prefect API server, a progress
+    # bar's monitor), and a fork of a threaded process can leave a worker holding a lock forever.
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                      persistent_workers=False, drop_last=False,
-                      multiprocessing_context="fork" if workers and hasattr(torch.multiprocessing, "get_context") else None)
+                      persistent_workers=False, drop_last=False, pin_memory=torch.cuda.is_available(),
+                      multiprocessing_context="forkserver" if workers else None)
 
 
 def batches_per_epoch(dataset: ShardedDataset, batch_size: int) -> int:

@@ -12,11 +12,11 @@ def test_presets_validate():
 
 def test_layers_apply_in_order(tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"preset": "smoke", "pretrain": {"epochs": 3}, "online": {"ppo": {"gamma": 0.9}}}))
+    params.write_text(yaml.safe_dump({"preset": "smoke", "pretrain": {"epochs": 3}, "online": {"ppo": {"gae_lambda": 0.9}}}))
     cfg = load_config(params, overrides=["pretrain.epochs=5", "online.ppo.learning_rate=1e-3"])
     assert cfg.preset == "smoke"
     assert cfg.pretrain.epochs == 5            # --set beats params.yaml
-    assert cfg.online.ppo.gamma == 0.9         # params.yaml beats the preset
+    assert cfg.online.ppo.gae_lambda == 0.9    # params.yaml beats the preset
     assert cfg.online.ppo.learning_rate == 1e-3
     assert cfg.data.episodes == PRESETS["smoke"]["data"]["episodes"]  # the preset beats the defaults
 
@@ -66,3 +66,10 @@ def test_override_values_are_typed():
     assert parse_override("a.b=3") == {"a": {"b": 3}}
     assert parse_override("a=[1, 2]") == {"a": [1, 2]}
     assert parse_override("a.b=true") == {"a": {"b": True}}
+
+
+def test_offline_critic_and_online_rl_share_one_discount():
+    with pytest.raises(ConfigError, match="offline.iql_gamma=0.99 differs from online.ppo.gamma=0.9"):
+        build_config(preset="smoke", overrides=["online.ppo.gamma=0.9"])
+    cfg = build_config(preset="smoke", overrides=["online.ppo.gamma=0.9", "offline.iql_gamma=0.9"])
+    assert cfg.offline.iql_gamma == cfg.online.ppo.gamma == 0.9
