@@ -20,9 +20,7 @@ A killed run resumes from ``runs/evaluate/`` and skips the episodes it has alrea
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import logging
 import textwrap
 import time
@@ -30,12 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tqdm.auto import tqdm
 
 from stages.common import StageInputError, resolve_device, seed_everything, stage_main, staged_dir, write_json
-from stages.envs.config import ScenarioName
+from stages.config import EvaluateParams
 from stages.metrics.driving_score import summarise
 from stages.resume import ResumePoint, fingerprint
 
@@ -50,60 +46,9 @@ GIF_FILE = "episode.gif"
 GIF_SIDE = 192            # px: frames are scaled up (nearest) to about this side in the GIF
 
 
-class EvaluateParams(BaseModel):
-    """The ``evaluate`` section of the pipeline config."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    checkpoint: str = Field("checkpoints/online", description="a DrivingVLA checkpoint folder (save_pretrained)")
-    scenarios: list[ScenarioName] | None = Field(None, min_length=1, description="None: [env.scenario]")
-    episodes: int = Field(2, ge=1, le=10_000, description="episodes per scenario")
-    seed_offset: int = Field(DEFAULT_SEED_OFFSET, ge=0, description="episode i runs seed + seed_offset + i")
-    deterministic: bool = Field(True, description="drive the policy's mode (False: sample actions)")
-    blocked_seconds: float | None = Field(10.0, gt=0, description="end an episode after standing still "
-                                                                  "this long (the leaderboard's blocked "
-                                                                  "test); None: never")
-    out: str = Field("reports/evaluate", description="episode records and the animated episode")
-    plots_dir: str = Field("plots", description="where evaluate_scores.png and evaluate_strip.png go")
-    strip_frames: int = Field(8, ge=2, le=32, description="frames in the image strip")
-    gif: bool = Field(True, description="write the strip's episode as an animated GIF")
-    gif_max_frames: int = Field(120, ge=2, le=2000, description="frames kept for the GIF (evenly spaced)")
-    cpu_threads: int | None = Field(1, ge=1, description="torch CPU threads while driving (one observation "
-                                                         "at a time); None: torch's default")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> EvaluateParams:
-        if self.scenarios is not None and len(set(self.scenarios)) != len(self.scenarios):
-            raise ValueError(f"scenarios={self.scenarios} lists a scenario twice")
-        if self.gif_max_frames < self.strip_frames:
-            raise ValueError(f"gif_max_frames={self.gif_max_frames} must be >= strip_frames={self.strip_frames} "
-                             "(the strip is drawn from the kept frames)")
-        return self
-
-
-try:
-    # The pipeline config's own section wins once stages/config.py holds it (the class above is the
-    # proposal for it); until then the stage validates its section itself.
-    from stages.config import EvaluateParams  # noqa: F811
-except ImportError:
-    pass
-
-
-# What the presets change (until `stages.config` holds the section): smoke ~10 s, demo ~1 min.
-EVALUATE_PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": {"scenarios": ["highway", "urban"], "episodes": 1, "strip_frames": 6, "gif_max_frames": 30},
-    "demo": {"scenarios": ["highway", "urban", "night", "rain"], "episodes": 2},
-    "carla": {"scenarios": ["urban", "highway", "night", "rain"], "episodes": 10, "blocked_seconds": 180.0},
-}
-
-
 def evaluate_params(cfg: Any) -> EvaluateParams:
-    """The config's ``evaluate`` section, or this preset's defaults when the config has none."""
-    section = getattr(cfg, "evaluate", None)
-    if section is not None:
-        return section if isinstance(section, EvaluateParams) else EvaluateParams.model_validate(
-            section.model_dump() if hasattr(section, "model_dump") else section)
-    return EvaluateParams.model_validate(EVALUATE_PRESETS.get(getattr(cfg, "preset", "demo"), {}))
+    """The config's ``evaluate`` section."""
+    return cfg.evaluate
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,53 +276,7 @@ def write_gif(media: dict[str, Any], path: str | Path) -> Path:
 # ------------------------------------------------------------------------------------------------
 
 def main() -> None:
-    from stages.config import PipelineConfig
-
-    if "evaluate" in PipelineConfig.model_fields:
-        stage_main(STAGE, run, __doc__.splitlines()[0])
-        return
-    _main_without_section()
-
-
-def _main_without_section() -> None:
-    """``stage_main`` for a config that has no ``evaluate`` section yet: the ``evaluate`` part of
-    params.yaml and of ``--set`` is validated here, the rest by the pipeline config."""
-    from stages.common import _jsonable, setup_logging
-    from stages.config import ConfigError, build_config, deep_merge, parse_override
-
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{STAGE}", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--preset", default=None, help="smoke | demo | carla (default: from params file)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one value, e.g. --set evaluate.checkpoint=checkpoints/offline (repeatable)")
-    args = parser.parse_args()
-    setup_logging()
-    try:
-        raw: dict[str, Any] = {}
-        if args.params and Path(args.params).exists():
-            raw = yaml.safe_load(Path(args.params).read_text()) or {}
-            if not isinstance(raw, dict):
-                raise ConfigError(f"{args.params}: expected a mapping of sections, got {type(raw).__name__}")
-        section = raw.pop(STAGE, None) or {}
-        ours = [o for o in args.overrides if o.strip().startswith(f"{STAGE}.")]
-        rest = [o for o in args.overrides if o not in ours]
-        cfg = build_config(raw, preset=args.preset, overrides=rest)
-        merged = deep_merge(EVALUATE_PRESETS.get(cfg.preset, {}), section)
-        for text in ours:
-            merged = deep_merge(merged, parse_override(text)[STAGE])
-        try:
-            params = EvaluateParams.model_validate(merged)
-        except ValidationError as exc:
-            lines = [f"  - {'.'.join([STAGE, *(str(x) for x in e['loc'])])} = {e.get('input')!r}: {e['msg']}"
-                     for e in exc.errors()]
-            raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
-    except (ConfigError, yaml.YAMLError) as exc:
-        parser.exit(2, f"error: {exc}\n")
-    try:
-        result = run(cfg, params)
-    except (FileNotFoundError, StageInputError) as exc:
-        parser.exit(1, f"error: {exc}\n")
-    print(json.dumps(result.get("metrics", result), indent=2, default=_jsonable))
+    stage_main(STAGE, run, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """The Prefect flow on a real (test-harness) Prefect API, and `dvc repro` in a temporary git repo."""
 import json
-import subprocess
 import sys
 
 import pytest

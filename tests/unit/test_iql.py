@@ -1,7 +1,6 @@
 """IQL losses: the expectile, the target network, and learning on small problems with known answers."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
