@@ -1,4 +1,5 @@
-"""Training samples built from recorded episodes, as a torch `Dataset`.
+"""Recorded episodes read back as arrays (the simulator half of the dataset; `shards.py` builds the
+training set).
 
 On disk a dataset is a folder with ``manifest.json`` and ``episodes/ep-XXXXX.npz`` (compressed);
 the manifest records the source, the split of every episode and the counts.
@@ -12,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from stages.common import StageInputError
 from stages.data.recorder import future_waypoints
@@ -83,40 +82,3 @@ def load_split(root: str | Path, split: str, horizon: int, stride: int) -> Sampl
     if not parts:
         raise DatasetError(f"{root}: the manifest lists no '{split}' episodes")
     return Samples(**{k: np.concatenate(v) for k, v in parts.items()})
-
-
-class DrivingDataset(Dataset):
-    """(image, state, command, caption, action, trajectory) samples of one split."""
-
-    def __init__(self, root: str | Path, split: str, horizon: int = 10, stride: int = 2):
-        self.samples = load_split(root, split, horizon, stride)
-
-    def __len__(self) -> int:
-        return len(self.samples.actions)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        s = self.samples
-        return {
-            "image": torch.from_numpy(s.images[i]),
-            "state": torch.from_numpy(s.states[i]),
-            "action": torch.from_numpy(s.actions[i]),
-            "trajectory": torch.from_numpy(s.trajectories[i]),
-            "traj_valid": bool(s.traj_valid[i]),
-            "reward": float(s.rewards[i]),
-            "command": str(s.commands[i]),
-            "caption": str(s.captions[i]),
-        }
-
-
-def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors; keep text as lists (the model's tokenizer turns them into ids)."""
-    out: dict[str, Any] = {}
-    for key in batch[0]:
-        values = [b[key] for b in batch]
-        if isinstance(values[0], torch.Tensor):
-            out[key] = torch.stack(values)
-        elif isinstance(values[0], (bool, float)):
-            out[key] = torch.tensor(values)
-        else:
-            out[key] = values
-    return out
