@@ -107,7 +107,10 @@ class OnlineParams(_Strict):
     total_timesteps: int = Field(4096, ge=1)
     eval_episodes: int = Field(4, ge=1)
     ppo: PPOConfig = PPOConfig(num_steps=512, batch_size=64, num_epochs=4, learning_rate=1e-4)
-    sac: SACConfig = SACConfig()
+    sac: SACConfig = SACConfig(buffer_size=50_000, batch_size=64, learning_starts=256, utd_ratio=0.25,
+                               random_warmup=False)
+    init_from: str | None = Field(None, description="start from this checkpoint instead of offline.out "
+                                                    "(scheduled retraining starts from production)")
 
 
 class ExportParams(_Strict):
@@ -197,7 +200,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pretrain": {"epochs": 1, "batch_size": 16},
         "offline": {"epochs": 1, "batch_size": 16, "ego_mlp_epochs": 2},
         "online": {"total_timesteps": 64, "eval_episodes": 1,
-                   "ppo": {"num_steps": 32, "batch_size": 16, "num_epochs": 1}},
+                   "ppo": {"num_steps": 32, "batch_size": 16, "num_epochs": 1},
+                   "sac": {"batch_size": 8, "learning_starts": 16, "buffer_size": 256}},
         "export": {"parity_batch_sizes": [1, 7, 32], "latency_iters": 5, "latency_warmup": 1},
         "evaluate": {"scenarios": ["highway", "urban"], "episodes": 1, "strip_frames": 6, "gif_max_frames": 30},
     },

@@ -70,7 +70,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     o = cfg.online
-    model = load_or_init(cfg, upstream=cfg.offline.out).to(device)
+    model = load_or_init(cfg, upstream=o.init_from or cfg.offline.out).to(device)
     key = fingerprint(cfg.model, cfg.env, o, {"seed": cfg.seed, "upstream": _digest(Path(cfg.offline.out))})
     eval_seed = cfg.seed + EVAL_SEED_OFFSET
 

@@ -78,3 +78,20 @@ def test_export(cfg, workdir):
     assert m["onnx_parity_passed"] and m["onnx_max_abs_error"] <= 1e-4
     session = ort.InferenceSession(str(workdir / "exports/policy.onnx"))
     assert [i.name for i in session.get_inputs()] == ["image", "state", "tokens"]
+
+
+def test_online_sac_from_a_given_checkpoint(cfg, workdir, caplog):
+    """`online.algo=sac` runs the same stage, and `online.init_from` (what scheduled retraining sets to
+    the production checkpoint) replaces the offline checkpoint as the starting point."""
+    import logging
+
+    from stages.config import build_config
+    from stages.online import run
+
+    sac = build_config(preset="smoke", overrides=["online.algo=sac", "online.init_from=checkpoints/pretrain",
+                                                  "online.out=checkpoints/online-sac"])
+    with caplog.at_level(logging.INFO, logger="models.driving_vla"):
+        m = run(sac)["metrics"]
+    assert any("loaded DrivingVLA from checkpoints/pretrain" in r.getMessage() for r in caplog.records)
+    assert m["timesteps"] >= sac.online.total_timesteps
+    assert (workdir / "checkpoints/online-sac/model.safetensors").exists()
