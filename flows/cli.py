@@ -41,8 +41,11 @@ def _fail(message: str, code: int = 2) -> None:
 def pipeline(preset: PresetOpt = None, set_: SetOpt = None,
              stage: Annotated[Optional[list[str]], typer.Option("--stage", help="run only these stages")] = None,
              no_dvc: Annotated[bool, typer.Option("--no-dvc", help="call the stages directly, without DVC")] = False) -> None:
-    """Run the pipeline through the Prefect flow (data → pretrain → offline → online → export)."""
+    """Run the pipeline through the Prefect flow (data → pretrain → offline → online → evaluate → export)."""
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    # The ephemeral API's telemetry service races the first flow run for SQLite's write lock and
+    # logs a "database is locked" traceback; it sends nothing from here anyway.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.pipeline import pipeline as pipeline_flow
 
     try:

@@ -196,7 +196,11 @@ def dvc_yaml_stages(root: str | Path) -> list[str]:
 
 
 def stage_spec(root: str | Path, name: str) -> dict[str, Any]:
-    data = yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}
+    """The stage's entry in ``dvc.yaml``; empty when the workspace has none (a run without DVC)."""
+    path = Path(root) / "dvc.yaml"
+    if not path.exists():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
     return (data.get("stages") or {}).get(name, {})
 
 

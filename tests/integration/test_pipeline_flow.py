@@ -47,3 +47,13 @@ def test_dvc_repro_alone(tmp_path):
     assert (repo / "exports/policy.onnx").exists()
     again = sh([sys.executable, "-m", "dvc", "repro"], repo)
     assert "didn't change, skipping" in again.stdout + again.stderr
+
+
+def test_flow_without_dvc_outside_a_repository(prefect_api, tmp_path):
+    """`drivevla pipeline --no-dvc`: stages called directly, in a folder with no dvc.yaml or git."""
+    from flows.pipeline import pipeline
+
+    results = pipeline(workdir=str(tmp_path), preset="smoke", stages=["data"], use_dvc=False)
+    assert results["data"]["episodes"] == 4
+    assert (tmp_path / "data/sim/manifest.json").exists()
+    assert not (tmp_path / "dvc.lock").exists()
