@@ -91,6 +91,9 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+BAR_LOG_INTERVAL_S = 10.0
+
+
 def run_streaming(cmd: list[str], cwd: str | Path, timeout_s: float | None = None,
                   logger: Any = None) -> str:
     """Run ``cmd``, logging its output line by line; kill it after ``timeout_s``.
@@ -118,14 +121,21 @@ def run_streaming(cmd: list[str], cwd: str | Path, timeout_s: float | None = Non
         timer.daemon = True
         timer.start()
     tail: list[str] = []
+    last_bar = 0.0
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
-            # tqdm redraws with carriage returns; keep the log readable.
+            # tqdm redraws with carriage returns (each one a line here): keep the log readable by
+            # passing on a progress bar at most every BAR_LOG_INTERVAL_S, and always when it completes.
             line = line.rstrip().rsplit("\r", 1)[-1]
-            if line:
-                logger.info(line)
-                tail = (tail + [line])[-40:]
+            if not line:
+                continue
+            if "%|" in line and "100%|" not in line:
+                if time.monotonic() - last_bar < BAR_LOG_INTERVAL_S:
+                    continue
+                last_bar = time.monotonic()
+            logger.info(line)
+            tail = (tail + [line])[-40:]
         code = proc.wait()
     finally:
         if timer:
