@@ -14,13 +14,14 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from stages.common import torch_threads
 
 from models.driving_vla import DrivingVLA
 from models.export_wrapper import INPUT_NAMES, OUTPUT_NAMES, random_inputs
@@ -64,16 +65,6 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], iters: int, warmup: in
                 fn()
                 samples[name].append(time.perf_counter() - t0)
     return {name: percentiles(s) for name, s in samples.items()}
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def ort_session(path: str | Path, threads: int, provider: str = "CPUExecutionProvider"):

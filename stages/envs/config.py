@@ -65,11 +65,16 @@ class EnvConfig(BaseModel):
 
     def resolved_reward(self) -> RewardConfig:
         """The reward config in force: the given weights, the scenario's target speed when unset."""
-        from stages.envs.scenarios import get_scenario
+        return resolve_reward(self.reward, self.scenario)
 
-        target = get_scenario(self.scenario).target_speed
-        if self.reward is None:
-            return RewardConfig(target_speed=target)
-        if "target_speed" not in self.reward.model_fields_set:
-            return self.reward.model_copy(update={"target_speed": target})
-        return self.reward
+
+def resolve_reward(reward: RewardConfig | None, scenario: str) -> RewardConfig:
+    """``reward`` with the scenario's target speed filled in where the config left it unset."""
+    from stages.envs.scenarios import get_scenario
+
+    target = get_scenario(scenario).target_speed
+    if reward is None:
+        return RewardConfig(target_speed=target)
+    if "target_speed" not in reward.model_fields_set:
+        return reward.model_copy(update={"target_speed": target})
+    return reward

@@ -9,12 +9,12 @@ distance and time driven) and, on request, the camera frames with the command an
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
+
+from stages.common import torch_threads  # noqa: F401  (re-exported: the stages import it from here)
 
 from stages.metrics.driving_score import OUTSIDE_LANES_KEYS, collision_counts, count_events, summarise
 from stages.training import TokenCache
@@ -34,25 +34,6 @@ def step_seconds(env: Any) -> float:
     if freq is None:
         freq = getattr(getattr(inner, "cfg", None), "policy_frequency", None)
     return 1.0 / float(freq or DEFAULT_POLICY_FREQUENCY)
-
-
-@contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Run the block with ``count`` intra-op CPU threads (None: leave torch's setting).
-
-    One observation at a time is a batch of 1: the matrices are too small to split across threads,
-    and on a busy machine the threads' spin-waits made inference 100x slower (1.2 s instead of
-    5 ms per step of the tiny model, measured on 2 shared cores).
-    """
-    if count is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _speed(info: dict[str, Any]) -> float:

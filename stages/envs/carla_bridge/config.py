@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from stages.envs.config import EnvConfig, RewardConfig, ScenarioName
+from stages.envs.config import EnvConfig, RewardConfig, ScenarioName, resolve_reward
 
 # CARLA caps the number of physics sub-steps per tick at 16 (WorldSettings.max_substeps).
 MAX_SUBSTEPS = 16
@@ -177,14 +177,7 @@ class SimulatorConfig(BaseModel):
 
     def resolved_reward(self) -> RewardConfig:
         """The reward weights in force; an unset target speed is the scenario's (as `EnvConfig`)."""
-        from stages.envs.scenarios import get_scenario
-
-        target = get_scenario(self.scenario).target_speed
-        if self.reward is None:
-            return RewardConfig(target_speed=target)
-        if "target_speed" not in self.reward.model_fields_set:
-            return self.reward.model_copy(update={"target_speed": target})
-        return self.reward
+        return resolve_reward(self.reward, self.scenario)
 
     @classmethod
     def from_env_config(cls, cfg: EnvConfig, **overrides: Any) -> SimulatorConfig:
