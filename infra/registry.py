@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.s3 import S3Error, s3_errors
@@ -159,22 +160,45 @@ def git_commit(repo: Path) -> str:
 LINEAGE_FILES = ("dvc.lock", "dvc.yaml", "params.yaml")
 
 
+def stage_outputs_in_git(repo: Path) -> set[str]:
+    """Stage outputs DVC leaves to git (``cache: false``: metrics, plots): they belong with dvc.lock."""
+    path = Path(repo) / "dvc.yaml"
+    spec = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+    paths: set[str] = set()
+    for stage in (spec.get("stages") or {}).values():
+        for kind in ("outs", "metrics", "plots"):
+            for item in stage.get(kind) or []:
+                if isinstance(item, dict):
+                    for path, opts in item.items():
+                        if kind != "outs" or (opts or {}).get("cache") is False:
+                            paths.add(path)
+                elif kind != "outs":
+                    paths.add(item)
+    return paths
+
+
+def _is_lineage(path: str, outputs: set[str]) -> bool:
+    return (path in LINEAGE_FILES or path.startswith("metrics/") or path.endswith(".gitignore")
+            or path in outputs or any(path.startswith(o.rstrip("/") + "/") for o in outputs))
+
+
 def commit_lineage(repo: Path, message: str) -> str:
-    """Commit ``dvc.lock``, ``params.yaml``, ``dvc.yaml``, the metrics files and DVC's ``.gitignore``
-    entries; refuse when other tracked files are modified. Returns the commit the version will name."""
+    """Commit ``dvc.lock``, ``params.yaml``, ``dvc.yaml``, the stages' git-tracked outputs (metrics,
+    plots) and DVC's ``.gitignore`` entries; refuse when other tracked files are modified. Returns
+    the commit the version will name."""
     repo = Path(repo)
     if not (repo / "dvc.lock").exists():
         raise RegistryError(f"{repo}/dvc.lock not found: run the pipeline before promoting")
+    outputs = stage_outputs_in_git(repo)
     dirty = [line[3:] for line in _git(repo, "status", "--porcelain", "--untracked-files=no").splitlines()
-             if line[3:] not in LINEAGE_FILES and not line[3:].startswith("metrics/")
-             and not line[3:].endswith(".gitignore")]
+             if not _is_lineage(line[3:], outputs)]
     if dirty:
         raise RegistryError(f"uncommitted changes in {', '.join(dirty[:5])}: commit them first, so the "
                             "registered version names the code that produced the model")
     paths = [p for p in LINEAGE_FILES if (repo / p).exists()]
     untracked = _git(repo, "ls-files", "--others", "--exclude-standard").splitlines()
-    paths += [p for p in untracked if p.endswith(".gitignore") or p.startswith("metrics/")]
-    paths += [p for p in _git(repo, "ls-files", "--modified").splitlines() if p.startswith("metrics/")]
+    paths += [p for p in untracked if _is_lineage(p, outputs)]
+    paths += [p for p in _git(repo, "ls-files", "--modified").splitlines() if _is_lineage(p, outputs)]
     _git(repo, "add", "--", *sorted(set(paths)))
     if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=repo).returncode != 0:
         _git(repo, "commit", "-q", "-m", message)

@@ -309,13 +309,18 @@ def test_retrain_run_promotes_a_better_candidate(served, repo, store):
     assert stage_version(repo, MODEL) == new
     assert store.pointer().history[-1] == old
     card = store.card(new)
-    assert card["metrics"]["driving_score"] == cand["driving_score"] and card["replaces"] == old
+    # The retrained candidate (online RL restarted from the production checkpoint) is what was promoted.
+    retrained = candidate_metrics(repo)
+    assert card["metrics"]["driving_score"] == retrained["driving_score"] and card["replaces"] == old
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["online"]["init_from"] == f"checkpoints/production/{old}"
     assert card["lineage"]["git_commit"] == sh(["git", "rev-list", "-n", "1", f"{MODEL}@{new}"], repo).stdout.strip()
     published = store.manifest(new)["files"]["policy.onnx"]["sha256"]
     assert published == hashlib.sha256((repo / "exports" / "policy.onnx").read_bytes()).hexdigest()
     # The production checkpoint the run started from was fetched and verified.
     assert (repo / "checkpoints" / "production" / old / "model.safetensors").exists()
-    print(f"\nretrain deployment run (cached pipeline + promotion): {TIMINGS['retrain_run_s']:.1f} s")
+    print(f"\nretrain deployment run (online from production, evaluate, export, promotion): "
+          f"{TIMINGS['retrain_run_s']:.1f} s")
 
 
 def test_retrain_run_rejects_a_worse_candidate(served, repo, store):
