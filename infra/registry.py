@@ -126,18 +126,14 @@ def judge(candidate: dict[str, Any], production: dict[str, Any] | None,
                                 f"{'>=' if ok else '<'} min_driving_score_delta {t.min_driving_score_delta})"))
 
     if production is not None:
-        for name, allowed in t.max_drop.items():
-            c, p = _num(candidate, name), _num(production, name)
-            if c is not None and p is not None:
-                ok = p - c <= allowed
-                checks.append(Check(name, ok, f"{name} {c:.4f} vs production {p:.4f} "
-                                              f"({'within' if ok else 'drops more than'} {allowed})"))
-        for name, allowed in t.max_rise.items():
-            c, p = _num(candidate, name), _num(production, name)
-            if c is not None and p is not None:
-                ok = c - p <= allowed
-                checks.append(Check(name, ok, f"{name} {c:.4f} vs production {p:.4f} "
-                                              f"({'within' if ok else 'rises more than'} {allowed})"))
+        # Guard metrics: how far each may move the wrong way (down for max_drop, up for max_rise).
+        for limits, sign, verb in ((t.max_drop, -1.0, "drops"), (t.max_rise, 1.0, "rises")):
+            for name, allowed in limits.items():
+                c, p = _num(candidate, name), _num(production, name)
+                if c is not None and p is not None:
+                    ok = sign * (c - p) <= allowed
+                    checks.append(Check(name, ok, f"{name} {c:.4f} vs production {p:.4f} "
+                                                  f"({'within' if ok else verb + ' more than'} {allowed})"))
     return Decision(all(c.passed for c in checks), checks)
 
 
