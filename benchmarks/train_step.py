@@ -111,7 +111,8 @@ def profile_top_kernels(step: Callable[[], None], device: str, top: int = 12) ->
 
 
 def train_step_bench(name: str, loss_fn, model: DrivingVLA, batch: dict[str, torch.Tensor], device: str,
-                     compile_step: bool, iters: int, peak: float, profile_it: bool = False) -> dict[str, Any]:
+                     compile_step: bool | None, iters: int, peak: float, profile_it: bool = False,
+                     compile_mode: str | None = None) -> dict[str, Any]:
     opt = make_adamw(model.parameters(), lr=1e-4, weight_decay=0.01, device=device)
     model.train()
 
@@ -121,7 +122,7 @@ def train_step_bench(name: str, loss_fn, model: DrivingVLA, batch: dict[str, tor
         loss.backward()
         return loss
 
-    step_fwd_bwd = maybe_compile(fwd_bwd, compile_step, device)
+    step_fwd_bwd = maybe_compile(fwd_bwd, compile_step, device, mode=compile_mode)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -146,18 +147,26 @@ def train_step_bench(name: str, loss_fn, model: DrivingVLA, batch: dict[str, tor
 
 
 @torch.no_grad()
-def inference_bench(model: DrivingVLA, cfg: DrivingVLAConfig, device: str, sizes: list[int], iters: int) -> list[dict]:
+def inference_bench(model: DrivingVLA, cfg: DrivingVLAConfig, device: str, sizes: list[int], iters: int,
+                    compile_mode: str | None = None) -> list[dict]:
+    """Deterministic actions at each batch size; ``compile_mode`` compiles the policy (on CUDA,
+    "reduce-overhead" replays a CUDA graph: at batch 1 the launch overhead is most of the time)."""
     model.eval()
     rows = []
+
+    def policy(image: torch.Tensor, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        with autocast(device):
+            return model.act(image, state, tokens, deterministic=True)[0]
+
+    run_policy = torch.compile(policy, mode=compile_mode) if compile_mode else policy
     for bsz in sizes:
         b = make_batch(cfg, model, bsz, device)
 
         def act() -> None:
-            with autocast(device):
-                model.act(b["image"], b["state"], b["tokens"], deterministic=True)
+            run_policy(b["image"], b["state"], b["tokens"])
 
         times = sorted(timed(act, device, iters, warmup=5))
-        rows.append({"bench": "policy_inference", "batch": bsz,
+        rows.append({"bench": "policy_inference", "batch": bsz, "compile_mode": compile_mode or "eager",
                      "p50_ms": 1e3 * times[len(times) // 2], "p95_ms": 1e3 * times[int(0.95 * (len(times) - 1))],
                      "samples_per_s": bsz / statistics.median(times)})
     return rows
@@ -170,6 +179,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--compile", dest="compile_step", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode of the train steps (default | max-autotune-no-cudagraphs | ...)")
+    parser.add_argument("--inference-compile-mode", default=None,
+                        help="compile the policy for the inference rows (e.g. reduce-overhead: CUDA graphs)")
+    parser.add_argument("--benches", default="offline,pretrain,ppo,inference",
+                        help="comma-separated subset of offline, pretrain, ppo, inference")
     parser.add_argument("--profile", action="store_true", help="record the top kernels of each train step")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -183,22 +198,32 @@ def main() -> None:
 
     cfg = DrivingVLAConfig.from_size(size)
     peak = matmul_rate(device)
+    benches = set(args.benches.split(","))
+    unknown = benches - {"offline", "pretrain", "ppo", "inference"}
+    if unknown:
+        parser.error(f"--benches: unknown {sorted(unknown)}; choose from offline, pretrain, ppo, inference")
     rows: list[dict[str, Any]] = []
-    for name, loss_fn in (("offline_bc_step", bc_loss), ("pretrain_clip_step", clip_loss)):
+    for key, name, loss_fn in (("offline", "offline_bc_step", bc_loss), ("pretrain", "pretrain_clip_step", clip_loss)):
+        if key not in benches:
+            continue
         model = DrivingVLA(cfg).to(device).to(memory_format=torch.channels_last)
         b = make_batch(cfg, model, batch, device)
         rows.append(train_step_bench(name, loss_fn, model, b, device, args.compile_step, iters, peak["flops_per_s"],
-                                     args.profile))
+                                     args.profile, args.compile_mode))
         del model
     model = DrivingVLA(cfg).to(device)
-    rows.append(train_step_bench("ppo_update_minibatch", ppo_loss, model, make_batch(cfg, model, 64, device),
-                                 device, args.compile_step, iters, peak["flops_per_s"]))
-    rows += inference_bench(model, cfg, device, [1, 8, 64], iters=max(iters, 20))
+    if "ppo" in benches:
+        rows.append(train_step_bench("ppo_update_minibatch", ppo_loss, model, make_batch(cfg, model, 64, device),
+                                     device, args.compile_step, iters, peak["flops_per_s"], compile_mode=args.compile_mode))
+    if "inference" in benches:
+        rows += inference_bench(model, cfg, device, [1, 8, 64], iters=max(iters, 20),
+                                compile_mode=args.inference_compile_mode)
 
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "size": size, "parameters": sum(p.numel() for p in model.parameters()),
             "image_size": cfg.image_size, "compile": args.compile_step if args.compile_step is not None else cuda,
+            "compile_mode": args.compile_mode or "default", "batch": batch,
             "matmul": peak}
     print(f"\nDrivingVLA-{size} on {meta['device']} (torch {meta['torch']}), matmul peak "
           f"{peak['flops_per_s'] / 1e9:,.0f} GFLOP/s ({peak['dtype']})")

@@ -244,6 +244,19 @@ class DrivingVLA(nn.Module):
         # Concentrations >= 1 keep the Beta unimodal with a bounded density (a well-defined mode).
         return 1.0 + F.softplus(first), 1.0 + F.softplus(second)
 
+    @torch.no_grad()
+    def set_log_std(self, value: float) -> None:
+        """Make the squashed Gaussian's log-std ``value`` for every state (RL then learns it again).
+
+        A policy cloned from a nearly deterministic expert keeps the spread that imitation floored
+        it at; on a fast road that much steering noise ends most episodes early, so on-policy RL
+        would learn about a much worse driver than the deterministic one it is meant to improve."""
+        if self.config.policy != "squashed_gaussian":
+            raise ValueError(f"set_log_std needs the squashed_gaussian policy, not {self.config.policy!r}")
+        dim = self.config.action_dim
+        self.policy_head.fc2.weight[dim:].zero_()
+        self.policy_head.fc2.bias[dim:].fill_(float(value))
+
     def set_state_normalization(self, mean: Tensor, std: Tensor) -> None:
         """Mean and spread of the ego state in the training data (std floored at 1e-2)."""
         with torch.no_grad():

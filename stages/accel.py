@@ -40,11 +40,13 @@ def make_adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: fl
     return torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay, fused=fused, **kwargs)
 
 
-def maybe_compile(fn: Any, enabled: bool | None, device: str | torch.device) -> Any:
+def maybe_compile(fn: Any, enabled: bool | None, device: str | torch.device, mode: str | None = None) -> Any:
     """``torch.compile`` where it helps: by default on CUDA only (CPU compile time dwarfs our tests)."""
     if enabled is None:
         enabled = torch.device(device).type == "cuda"
-    return torch.compile(fn) if enabled else fn
+    if not enabled:
+        return fn
+    return torch.compile(fn, mode=mode) if mode else torch.compile(fn)
 
 
 def to_device(batch: dict[str, Any], device: str | torch.device) -> dict[str, Any]:

@@ -64,7 +64,16 @@ class DataParams(_Strict):
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes")
 
 
-class PretrainParams(_Strict):
+class _Accumulates(_Strict):
+    @model_validator(mode="after")
+    def _accumulation_divides(self):
+        batch, steps = getattr(self, "batch_size"), getattr(self, "grad_accum_steps")
+        if batch % steps:
+            raise ValueError(f"batch_size ({batch}) must be a multiple of grad_accum_steps ({steps})")
+        return self
+
+
+class PretrainParams(_Accumulates):
     out: str = "checkpoints/pretrain"
     epochs: int = Field(4, ge=1)
     batch_size: int = Field(64, ge=2)
@@ -72,9 +81,13 @@ class PretrainParams(_Strict):
     weight_decay: float = Field(0.05, ge=0)
     caption_sources: list[Literal["sim", "nuscenes"]] = Field(["sim", "nuscenes"], min_length=1,
                                                               description="whose captions to align")
+    compile: bool | None = Field(None, description="torch.compile the train step's forward and backward; "
+                                                   "None: on for CUDA, off on CPU (compile time dwarfs a small run)")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimiser step: batch_size is split "
+                                                       "into this many, so a large batch fits in GPU memory")
 
 
-class OfflineParams(_Strict):
+class OfflineParams(_Accumulates):
     out: str = "checkpoints/offline"
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -99,6 +112,10 @@ class OfflineParams(_Strict):
                                                               "offline log-likelihoods (squashed Gaussian)")
     encoder_lr_scale: float = Field(0.3, ge=0, description="learning rate of the pretrained encoders, "
                                                           "relative to learning_rate")
+    compile: bool | None = Field(None, description="torch.compile the train step's forward and backward; "
+                                                   "None: on for CUDA, off on CPU (compile time dwarfs a small run)")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimiser step: batch_size is split "
+                                                       "into this many, so a large batch fits in GPU memory")
 
 
 class OnlineParams(_Strict):
@@ -266,7 +283,9 @@ def _describe(errors: list[dict[str, Any]], merged: dict[str, Any]) -> str:
         else:
             allowed = err.get("ctx", {})
             hint = f" [{', '.join(f'{k}={v}' for k, v in allowed.items() if k != 'error')}]" if allowed else ""
-            if loc:
+            if loc and isinstance(given, dict):  # a rule across a section's keys: its message names them
+                lines.append(f"  - {loc}: {err['msg'].removeprefix('Value error, ')}")
+            elif loc:
                 lines.append(f"  - {loc} = {given!r}: {err['msg']}{hint}")
             else:  # a rule across several keys: its message names them
                 lines.append(f"  - {err['msg'].removeprefix('Value error, ')}")

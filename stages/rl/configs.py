@@ -35,6 +35,11 @@ class PPOConfig(_Strict):
                              "from imitation comes with a value head that does not know the online "
                              "reward, and advantages from it would only add noise to the policy")
     freeze_encoders: bool = Field(False, description="train only fusion and heads, not the vision/text encoders")
+    compile: bool | None = Field(None, description="torch.compile the update's forward and backward; None: on "
+                                                   "for CUDA, off on CPU")
+    init_log_std: float | None = Field(
+        None, ge=-5, le=2, description="set the policy's log-std to this (for every state) before fine-tuning; "
+                                       "None: keep the checkpoint's spread")
     async_collection: bool = Field(
         False, description="env workers keep stepping with the previous policy while the learner updates "
                            "(needs env constructors; see stages.rl.async_collector)")
@@ -70,6 +75,8 @@ class SACConfig(_Strict):
     num_envs: int = Field(1, ge=1)
     offline_ratio: float = Field(0.0, ge=0, le=1, description="share of each batch drawn from offline data")
     freeze_encoders: bool = False
+    compile: bool | None = Field(None, description="torch.compile the critic and actor losses; None: on for "
+                                                   "CUDA, off on CPU")
     target_entropy: float | None = Field(None, description="entropy alpha is tuned toward, measured with the "
                                          "actions scaled to [-1, 1]; None = -action_dim (SB3's choice)")
     random_warmup: bool = Field(True, description="uniform random actions before learning_starts (SB3); "

@@ -325,6 +325,10 @@ class MLPActorCritic(nn.Module):
         act_space = getattr(env, "single_action_space", env.action_space)
         return cls(int(np.prod(obs_space.shape)), act_space.low, act_space.high, hidden, init_log_std)
 
+    @torch.no_grad()
+    def set_log_std(self, value: float) -> None:
+        self.log_std.fill_(float(value))
+
     def compute_features(self, obs: Tensor) -> Tensor:
         return obs.float().flatten(1)
 

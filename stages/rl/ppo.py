@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from stages.rl.buffers import RolloutBuffer
 from stages.rl.checkpoint import TrainingCheckpoint, capture_rng, restore_rng
+from stages.rl.scalars import ScalarWriter
 from stages.rl.configs import PPOConfig
 from stages.rl.policies import ObsAdapter, make_obs_adapter
 from stages.rl.vector import as_vector_env, final_obs, final_values, vector_env_from_fns
@@ -91,6 +92,9 @@ class PPOTrainer:
         self.adapter: ObsAdapter = make_obs_adapter(self.model, obs_space, encoded=cfg.freeze_encoders)
         self.policy = self.adapter.policy(self.model)
 
+        if cfg.init_log_std is not None:
+            self.model.set_log_std(cfg.init_log_std)
+            log.info("ppo: policy log-std set to %.2f (std %.3f)", cfg.init_log_std, float(np.exp(cfg.init_log_std)))
         if cfg.freeze_encoders:
             frozen = 0
             for name, p in self.model.named_parameters():
@@ -337,9 +341,4 @@ def _is_env_fns(env: Any) -> bool:
 def _summary_writer(save_dir: str | Path | None) -> Any:
     if save_dir is None:
         return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional: training goes on without the scalars
-        log.warning("tensorboard is not installed: no scalars are written (pip install tensorboard)")
-        return None
-    return SummaryWriter(str(Path(save_dir) / "tensorboard"))
+    return ScalarWriter(save_dir)
