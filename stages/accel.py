@@ -62,6 +62,38 @@ def to_device(batch: dict[str, Any], device: str | torch.device) -> dict[str, An
     return out
 
 
+def batch_size_of(batch: dict[str, Any]) -> int:
+    """Samples in a batch of tensors and lists (the first tensor's length)."""
+    return len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
+
+
+def micro_batches(batch: dict[str, Any], steps: int) -> list[dict[str, Any]]:
+    """``batch`` cut into ``steps`` contiguous micro-batches of nearly equal size (tensors and lists
+    alike); fewer, never empty ones, when the batch has fewer samples than ``steps`` (an epoch's last)."""
+    n = batch_size_of(batch)
+    if steps <= 1 or n <= 1:
+        return [batch]
+    sizes = [n // steps + (1 if i < n % steps else 0) for i in range(steps)]
+    out, lo = [], 0
+    for size in sizes:
+        if size:
+            out.append({k: v[lo:lo + size] for k, v in batch.items()})
+        lo += size
+    return out
+
+
+def capture_rng(device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The CPU (and this CUDA device's) RNG state, to replay a forward pass with the same dropout."""
+    cuda = torch.device(device).type == "cuda"
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
+
+
+def restore_rng(state: tuple[torch.Tensor, torch.Tensor | None], device: str | torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 @dataclass
 class Distributed:
     """Where this process sits in a ``torchrun`` job (world_size 1 when run plainly)."""
@@ -103,7 +135,7 @@ class Distributed:
         """This rank's contiguous share of a global batch (tensors and lists alike)."""
         if not self.enabled:
             return batch
-        n = len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
+        n = batch_size_of(batch)
         per = n // self.world_size
         lo, hi = self.rank * per, (self.rank + 1) * per if self.rank < self.world_size - 1 else n
         return {k: v[lo:hi] for k, v in batch.items()}
@@ -142,6 +174,47 @@ class Distributed:
         total = total.cpu()
         return [float(l * self.world_size / t) if t > 0 else 0.0 for l, t in zip(local, total)]
 
+    def micro_shares(self, counts: Sequence[Sequence[torch.Tensor | int]]) -> list[list[float]]:
+        """Weights of masked means taken over micro-batches, on top of :meth:`share`'s across ranks.
+
+        ``counts[m][j]``: the samples of micro-batch ``m`` (of this rank) that masked mean ``j`` averages
+        over. Its weight is ``count * world_size / global_count``, the global count summed over every
+        micro-batch of every rank: summing the weighted micro-batch gradients, then averaging over
+        ranks, gives the gradient of the mean over the whole global batch (what one process on one
+        batch gives). With one micro-batch per rank it is :meth:`share`'s factor."""
+        if not counts:
+            return []
+        # One tensor on the counts' device, read back once: one host sync per step, not one per count.
+        device = next((c.device for row in counts for c in row if isinstance(c, torch.Tensor)), torch.device("cpu"))
+        local = torch.stack([torch.stack([torch.as_tensor(c, dtype=torch.float64, device=device).reshape(())
+                                          for c in row]) for row in counts])
+        total = local.sum(0)
+        if self.enabled:
+            if torch.distributed.get_backend() == "nccl":
+                total = total.cuda()
+            torch.distributed.all_reduce(total)
+        local, total = local.cpu().tolist(), total.cpu().tolist()
+        return [[c * self.world_size / t if t > 0 else 0.0 for c, t in zip(row, total)] for row in local]
+
+    def gather_with_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``x`` concatenated along dim 0 in rank order, gradients flowing back to each.
+
+        The backward sums every rank's gradient of its (global) loss into each rank's share, i.e.
+        ``world_size`` times one loss's gradient; :meth:`average_gradients` then divides by
+        ``world_size``, so the result is the gradient one process gets on the global batch. Ranks
+        may hold different numbers of rows (an epoch's last batch): padded to the largest, then cut."""
+        if not self.enabled:
+            return x
+        size = torch.tensor([x.shape[0]], device=x.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        torch.distributed.all_gather(sizes, size)
+        sizes = [int(s.item()) for s in sizes]
+        longest = max(sizes)
+        if x.shape[0] < longest:
+            x = torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])])
+        parts = _GatherWithGrad.apply(x, self.rank, self.world_size)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
     def sum(self, values: dict[str, float]) -> dict[str, float]:
         """Sum Python numbers over ranks (epoch totals of the logged losses)."""
         if not self.enabled or not values:
@@ -166,6 +239,29 @@ class Distributed:
             t = t.cuda()
         torch.distributed.all_reduce(t)
         return float(t.item()) / self.world_size
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward hands each rank the sum over ranks of the gradient of its rows.
+
+    ``torch.distributed.nn.functional.all_gather`` does the same but is deprecated (torch 2.13) for
+    private functional collectives whose names changed between releases; this uses only the public
+    ``all_gather`` / ``all_reduce`` (the tensors are embeddings: the extra traffic of an all-reduce
+    over a reduce-scatter is a few kB)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, ...]:
+        ctx.rank = rank
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(parts, x)
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        total = torch.stack([g.contiguous() for g in grads])
+        torch.distributed.all_reduce(total)
+        return total[ctx.rank], None, None
 
 
 def init_distributed(device: str) -> Distributed:

@@ -13,6 +13,10 @@ Every batch of the built dataset (`stages.data.shards`, both sources) trains:
 Held-out open-loop metrics (`stages.metrics.open_loop`): L2 and collision rate at 1 / 2 / 3 s, both
 conventions, per source, beside a constant-velocity and an ego-status MLP baseline; and how the value
 function ranks clean expert states against perturbed ones (mean V, AUC).
+
+Under ``torchrun --nproc-per-node N -m stages.offline`` every rank reads the same global batch and
+trains on its share; ``offline.grad_accum_steps`` cuts a rank's share into micro-batches, each masked
+mean weighted by its share of the global count, so one optimiser step sees the global batch's gradient.
 """
 from __future__ import annotations
 
@@ -20,16 +24,18 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from models.distributions import ACTION_HIGH, ACTION_LOW
-from stages.accel import Distributed, autocast, configure_backends, distributed, make_adamw
+from models.driving_vla import DrivingVLAOutput
+from stages.accel import (Distributed, autocast, batch_size_of, configure_backends, distributed, make_adamw,
+                          maybe_compile, micro_batches, to_device)
 from stages.common import resolve_device, seed_everything, stage_main, write_json
-from stages.config import PipelineConfig
+from stages.config import OfflineParams, PipelineConfig
 from stages.data.dataset import DatasetError
 from stages.data.shards import ShardedDataset, SplitArrays, load_split_arrays, make_loader, read_manifest
 from stages.metrics.open_loop import (constant_velocity, fit_ego_status_mlp, format_table, open_loop_report,
@@ -87,10 +93,6 @@ def bc_losses(model, out, batch: dict[str, torch.Tensor], scale: torch.Tensor, k
             "trajectory": trajectory_loss(out.trajectory, batch["trajectory"], scale, valid_traj, kind),
             "trajectory_l2_m": _masked_mean((out.trajectory - batch["trajectory"]).norm(dim=-1).mean(-1).detach(),
                                             valid_traj)}
-
-
-def _to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -208,6 +210,80 @@ def _upstream_stage(path: str | Path) -> str | None:
     return json.loads(info.read_text()).get("stage") if info.exists() else None
 
 
+def iql_config(o: OfflineParams) -> IQLConfig:
+    return IQLConfig(gamma=o.iql_gamma, expectile=o.iql_expectile, temperature=o.iql_temperature,
+                     max_weight=o.iql_max_weight, tau=o.iql_tau, reward_scale=o.reward_scale)
+
+
+def fp32_forward(model) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], DrivingVLAOutput]:
+    """The model's forward with fp32 outputs (under autocast they come out in bf16): what is compiled."""
+    def forward(image: torch.Tensor, state: torch.Tensor, text: torch.Tensor) -> DrivingVLAOutput:
+        out = model(image, state, text)
+        return DrivingVLAOutput(tuple(p.float() for p in out.action_params), out.trajectory.float(),
+                                out.value.float(), out.features.float())
+    return forward
+
+
+def _loss_counts(batch: dict[str, torch.Tensor], iql: bool) -> list[torch.Tensor]:
+    """The samples each masked mean of the loss averages over: clean trajectories, known controls,
+    RL transitions (``iql``: with a next state or terminal)."""
+    transition = batch["action_valid"] & (batch["has_next"] | batch["terminated"]) if iql else batch["action_valid"]
+    return [(batch["traj_valid"] & ~batch["perturbed"]).sum(), batch["action_valid"].sum(), transition.sum()]
+
+
+def _micro_loss(forward, model, critic: IQLCritic | None, batch: dict[str, Any], tokens: TokenCache, device: str,
+                scale: torch.Tensor, o: OfflineParams, iql_cfg: IQLConfig, w_traj: float, w_ctrl: float,
+                w_rl: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted loss of one micro-batch and its unweighted parts (for the log)."""
+    with autocast(device):
+        out = forward(batch["image"], batch["state"], tokens(batch["command"], device))
+    parts = bc_losses(model, out, batch, scale, o.trajectory_loss, o.min_log_std)
+    loss = o.trajectory_weight * w_traj * parts["trajectory"] \
+        + o.bc_weight * o.control_weight * w_ctrl * parts["control_nll"]
+    if critic is None:
+        return loss, parts
+    transition = batch["action_valid"] & (batch["has_next"] | batch["terminated"])
+    with torch.no_grad():
+        # Outside autocast, as the regression target it is: fp32.
+        next_value = forward(batch["next_image"], batch["next_state"], tokens(batch["next_command"], device)).value
+    if transition.any():
+        t = transition
+        actions = interior(batch["action"][t])
+        log_prob = training_distribution(model, tuple(p[t] for p in out.action_params),
+                                         o.min_log_std).log_prob(actions)
+        # The critic reads the features without shaping them: its regression targets are
+        # returns of ~r / (1 - gamma), and their gradients would swamp imitation's in the encoder.
+        feats = out.features[t].detach()
+        value = model.value_head(feats).squeeze(-1)
+        rl = iql_losses(value, next_value[t], feats, log_prob, actions,
+                        batch["reward"][t].float(), batch["terminated"][t], critic, iql_cfg)
+        loss = loss + w_rl * o.iql_weight * (rl["awr_loss"] + o.iql_value_weight * (rl["value_loss"] + rl["q_loss"]))
+        parts.update({k: rl[k] for k in ("value_loss", "q_loss", "awr_loss", "advantage", "v")})
+    return loss, parts
+
+
+def accumulate_gradients(forward, model, critic: IQLCritic | None, batch: dict[str, Any], tokens: TokenCache,
+                         device: str, scale: torch.Tensor, o: OfflineParams, iql_cfg: IQLConfig,
+                         dist: Distributed) -> list[dict[str, tuple[float, float]]]:
+    """Back-propagate the loss of this rank's share ``batch`` in ``o.grad_accum_steps`` micro-batches.
+
+    Each masked mean of a micro-batch is weighted by its share of the count over the global batch
+    (every micro-batch of every rank), so the summed, then rank-averaged gradient is the global
+    batch's. Returns, per micro-batch, each logged part as ``(value, weight)``."""
+    micro = micro_batches(batch, o.grad_accum_steps)
+    shares = dist.micro_shares([_loss_counts(mb, critic is not None) for mb in micro])
+    logged = []
+    for mb, (w_traj, w_ctrl, w_rl) in zip(micro, shares):
+        if not batch_size_of(mb):       # a global batch smaller than the world: nothing here
+            continue
+        loss, parts = _micro_loss(forward, model, critic, mb, tokens, device, scale, o, iql_cfg, w_traj, w_ctrl, w_rl)
+        loss.backward()
+        weights = {"trajectory": w_traj, "trajectory_l2_m": w_traj, "control_nll": w_ctrl}
+        values = torch.stack([v.detach().float() for v in parts.values()]).tolist()   # one host sync
+        logged.append({k: (v, weights.get(k, w_rl)) for k, v in zip(parts, values)})
+    return logged
+
+
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Train on this process, or as one rank of a ``torchrun`` job (data parallel, rank 0 writes)."""
     with distributed(resolve_device(cfg.device)) as dist:
@@ -230,10 +306,9 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
                            f"(episodes shorter than the horizon): lower data.waypoint_stride or raise "
                            f"env.max_episode_steps, then rerun the data stage")
     use_iql = o.iql_weight > 0
-    iql_cfg = IQLConfig(gamma=o.iql_gamma, expectile=o.iql_expectile, temperature=o.iql_temperature,
-                        max_weight=o.iql_max_weight, tau=o.iql_tau, reward_scale=o.reward_scale)
+    iql_cfg = iql_config(o)
     train_ds = ShardedDataset(built, "train", shuffle=True, seed=cfg.seed, with_next=use_iql)
-    loader = make_loader(train_ds, o.batch_size, cfg.data.num_workers)
+    loader = make_loader(train_ds, o.batch_size, cfg.data.num_workers, pin_memory=device.startswith("cuda"))
     scale = torch.as_tensor(np.asarray(stats["trajectory_std"]) + 0.1, dtype=torch.float32, device=device)
 
     model = load_or_init(cfg, upstream=cfg.pretrain.out).to(device)
@@ -271,62 +346,39 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
                                  epochs=o.ego_mlp_epochs, seed=cfg.seed)
     val = load_split_arrays(built, "val")
 
+    # Compiled: the model's forward (and so its backward); `model` itself stays plain for saving.
+    forward = maybe_compile(fp32_forward(model), o.compile, device)
+
     t0 = time.perf_counter()
     for epoch in range(start_epoch, o.epochs):
         model.train()
         train_ds.set_epoch(epoch)
         sums: dict[str, float] = {}
-        count = 0
+        count = 0.0
         bar = tqdm(loader, desc=f"offline epoch {epoch + 1}/{o.epochs}", unit="batch",
-                   total=-(-len(train_ds) // o.batch_size))
+                   total=-(-len(train_ds) // o.batch_size), disable=not dist.is_main)
         for batch in bar:
-            # Every rank reads the same global batch (same seed) and trains on its own share of it.
-            batch = _to_device(dist.split(batch), device)
-            with autocast(device):
-                out = model(batch["image"], batch["state"], tokens(batch["command"], device))
-            out = type(out)(tuple(p.float() for p in out.action_params), out.trajectory.float(),
-                            out.value.float(), out.features.float())
-            parts = bc_losses(model, out, batch, scale, o.trajectory_loss, o.min_log_std)
-            transition = batch["action_valid"] & (batch["has_next"] | batch["terminated"]) if critic is not None \
-                else batch["action_valid"]
-            # Masked means over a rank's share: weighted so the averaged gradient is the global batch's.
-            w_traj, w_ctrl, w_rl = dist.share([(batch["traj_valid"] & ~batch["perturbed"]).sum(),
-                                               batch["action_valid"].sum(), transition.sum()])
-            loss = o.trajectory_weight * w_traj * parts["trajectory"] \
-                + o.bc_weight * o.control_weight * w_ctrl * parts["control_nll"]
-            if critic is not None:
-                with torch.no_grad():
-                    next_value = model(batch["next_image"], batch["next_state"],
-                                       tokens(batch["next_command"], device)).value
-                if transition.any():
-                    t = transition
-                    actions = interior(batch["action"][t])
-                    log_prob = training_distribution(model, tuple(p[t] for p in out.action_params),
-                                                     o.min_log_std).log_prob(actions)
-                    # The critic reads the features without shaping them: its regression targets are
-                    # returns of ~r / (1 - gamma), and their gradients would swamp imitation's in the encoder.
-                    feats = out.features[t].detach()
-                    value = model.value_head(feats).squeeze(-1)
-                    rl = iql_losses(value, next_value[t], feats, log_prob, actions,
-                                    batch["reward"][t].float(), batch["terminated"][t], critic, iql_cfg)
-                    loss = loss + w_rl * o.iql_weight * (rl["awr_loss"] + o.iql_value_weight * (rl["value_loss"] + rl["q_loss"]))
-                    parts.update({k: rl[k] for k in ("value_loss", "q_loss", "awr_loss", "advantage", "v")})
+            # Every rank reads the same global batch (same seed) and trains on its own share of it,
+            # in micro-batches; one optimiser step per global batch.
+            n = batch_size_of(batch)
             optim.zero_grad(set_to_none=True)
-            loss.backward()
+            logged = accumulate_gradients(forward, model, critic, to_device(dist.split(batch), device), tokens,
+                                          device, scale, o, iql_cfg, dist)
+            # Logged per-epoch means weight each term by its share, so they match one process's.
+            for parts in logged:
+                for k, (v, w) in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v * w * n / dist.world_size
+            if logged:
+                bar.set_postfix(traj_m=f"{logged[-1]['trajectory_l2_m'][0]:.2f}",
+                                nll=f"{logged[-1]['control_nll'][0]:.2f}")
             dist.average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optim.step()
             if critic is not None:
                 critic.update_target(iql_cfg.tau)
-            n = len(batch["state"])
-            count += n
-            # Logged per-epoch means weight each rank's term by its share, so they match one process's.
-            weights = {"trajectory": w_traj, "trajectory_l2_m": w_traj, "control_nll": w_ctrl}
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v.item() * weights.get(k, w_rl) * n
-            bar.set_postfix(traj_m=f"{parts['trajectory_l2_m'].item():.2f}", nll=f"{parts['control_nll'].item():.2f}")
+            count += n / dist.world_size
         totals = dist.sum({**sums, "__count": float(count)})
-        count = int(totals.pop("__count"))
+        count = round(totals.pop("__count"))
         sums = totals
         reports, ranking = evaluate(model, val, {"ego_mlp": ego_mlp}, tokens, device, step_seconds,
                                     manifest["ego_size"])

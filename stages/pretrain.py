@@ -5,20 +5,28 @@ speed, manoeuvre) and nuScenes scene descriptions (`pretrain.caption_sources`). 
 image towards its own caption and away from the others in the batch, with a learnable temperature;
 identical captions in a batch all count as positives. Held-out recall@1/@5 in both directions is
 reported beside the chance level, over all val pairs and per source.
+
+Under ``torchrun --nproc-per-node N -m stages.pretrain`` every rank reads the same global batch and
+embeds its share; the embeddings are gathered with their gradients, so the loss, its negatives and its
+positives mask are the global batch's on every rank, and rank 0 alone writes. ``pretrain.grad_accum_steps``
+> 1 embeds a rank's share in micro-batches and still takes the loss over the whole batch (a gradient
+cache: the embeddings first without a graph, then each micro-batch again, back-propagating its slice of
+the embeddings' gradient), because in-batch negatives make the loss no sum over micro-batches.
 """
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from stages.accel import autocast, configure_backends, make_adamw
+from stages.accel import (Distributed, autocast, capture_rng, configure_backends, distributed, make_adamw,
+                          maybe_compile, micro_batches, restore_rng, to_device)
 from stages.common import resolve_device, seed_everything, stage_main, write_json
 from stages.config import PipelineConfig
 from stages.data.shards import ShardedDataset, load_split_arrays, make_loader
@@ -79,14 +87,79 @@ def evaluate(model, val, tokens: TokenCache, device: str) -> dict[str, float]:
     return out
 
 
+Embed = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def make_embed(model, device: str, compile: bool | None = None) -> Embed:
+    """``embed(image, tokens)``: the image and text embeddings in fp32, under autocast on CUDA; the
+    encoders' forward (and so their backward) compiled where ``compile`` says (`maybe_compile`).
+    ``model`` itself stays uncompiled, for saving."""
+    def encode(image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return model.encode_image(image).float(), model.encode_text(text).float()
+
+    encode = maybe_compile(encode, compile, device)
+
+    def embed(image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(device):
+            return encode(image, text)
+    return embed
+
+
+def contrastive_step(model, embed: Embed, batch: dict[str, Any], captions: list[str], tokens: TokenCache,
+                     device: str, dist: Distributed, steps: int = 1) -> torch.Tensor:
+    """Back-propagate the contrastive loss of the global batch; return the loss (detached).
+
+    ``batch`` is this rank's share (on ``device``), ``captions`` the global batch's captions (the
+    positives mask), ``embed(image, tokens)`` the image and text embeddings in fp32. The gradients
+    left in the parameters are, after :meth:`Distributed.average_gradients`, those of one process on
+    the global batch, whatever the number of ranks and of micro-batches (``steps``)."""
+    n = len(batch["caption"])
+    if steps <= 1 and n:
+        img, txt = embed(batch["image"], tokens(batch["caption"], device))
+        # One gather for both embeddings: one collective each way, in the same order on every rank.
+        both = dist.gather_with_grad(torch.cat([img, txt], 1))
+        loss = contrastive_loss(*both.chunk(2, 1), model.logit_scale, captions)
+        loss.backward()
+        return loss.detach()
+    # Gradient cache: the loss's gradient w.r.t. this rank's embeddings, from graph-free embeddings ...
+    micro = micro_batches(batch, steps) if n else []
+    states, cached = [], []
+    with torch.no_grad():
+        for mb in micro:
+            states.append(capture_rng(device))
+            cached.append(torch.cat(embed(mb["image"], tokens(mb["caption"], device)), 1))
+    # A rank with no share (a global batch smaller than the world) still joins the gather's backward.
+    local = torch.cat(cached) if cached else torch.zeros(0, 2 * model.config.embed_dim, device=device)
+    local.requires_grad_(True)
+    both = dist.gather_with_grad(local)
+    loss = contrastive_loss(*both.chunk(2, 1), model.logit_scale, captions)
+    loss.backward()
+    # ... then each micro-batch again with its graph (and the same dropout), fed its slice of that gradient.
+    after = capture_rng(device)
+    lo = 0
+    for mb, state in zip(micro, states):
+        restore_rng(state, device)
+        out = torch.cat(embed(mb["image"], tokens(mb["caption"], device)), 1)
+        out.backward(local.grad[lo:lo + len(out)])
+        lo += len(out)
+    restore_rng(after, device)
+    return loss.detach()
+
+
 def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """Train on this process, or as one rank of a ``torchrun`` job (data parallel, rank 0 writes)."""
+    with distributed(resolve_device(cfg.device)) as dist:
+        return _run(cfg, dist)
+
+
+def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = dist.device(resolve_device(cfg.device))
     configure_backends(device)
     p = cfg.pretrain
     sources = p.caption_sources
     train_ds = ShardedDataset(cfg.data.built, "train", shuffle=True, seed=cfg.seed, sources=sources)
-    loader = make_loader(train_ds, p.batch_size, cfg.data.num_workers)
+    loader = make_loader(train_ds, p.batch_size, cfg.data.num_workers, pin_memory=device.startswith("cuda"))
     val = load_split_arrays(cfg.data.built, "val", sources=sources, keys=("images", "captions"))
 
     model = load_or_init(cfg, upstream=None).to(device)
@@ -102,42 +175,48 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         start_epoch, history = state["epoch"], state["history"]
         log.info("%s: resuming after epoch %d of %d", "pretrain", start_epoch, p.epochs)
 
+    embed = make_embed(model, device, p.compile)
+
     t0 = time.perf_counter()
     for epoch in range(start_epoch, p.epochs):
         model.train()
         train_ds.set_epoch(epoch)
         losses = []
         bar = tqdm(loader, desc=f"pretrain epoch {epoch + 1}/{p.epochs}", unit="batch",
-                   total=-(-len(train_ds) // p.batch_size))
+                   total=-(-len(train_ds) // p.batch_size), disable=not dist.is_main)
         for batch in bar:
+            # Every rank reads the same global batch (same seed); the loss sees all of its captions.
             caps = batch["caption"]
             if len(caps) < 2:
                 continue
-            with autocast(device):
-                img = model.encode_image(batch["image"].to(device, non_blocking=True))
-                txt = model.encode_text(tokens(caps, device))
-            loss = contrastive_loss(img.float(), txt.float(), model.logit_scale, caps)
             optim.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = contrastive_step(model, embed, to_device(dist.split(batch), device), caps, tokens, device,
+                                    dist, p.grad_accum_steps)
+            dist.average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optim.step()
             losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        # Every rank holds the same weights: each evaluates (no collective), rank 0 writes.
         recall = evaluate(model, val, tokens, device)
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
                         "temperature": float(1.0 / model.logit_scale.exp().clamp(max=100.0).item()), **recall})
         log.info("pretrain epoch %d: loss %.3f, i2t@1 %.3f t2i@1 %.3f (chance %.3f)", epoch + 1, history[-1]["loss"],
                  recall["i2t_recall@1"], recall["t2i_recall@1"], recall["chance@1"])
-        resume.save({"model": model.state_dict(), "optim": optim.state_dict(), "rng": rng_state(),
-                     "epoch": epoch + 1, "history": history})
+        if dist.is_main:
+            resume.save({"model": model.state_dict(), "optim": optim.state_dict(), "rng": rng_state(),
+                         "epoch": epoch + 1, "history": history})
 
     final = history[-1]
     metrics = {k: v for k, v in final.items() if k != "epoch"}
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
-    save_checkpoint(model.cpu(), p.out, extra={"stage": "pretrain", "metrics": metrics})
-    write_json(Path(cfg.metrics_dir) / "pretrain.json", metrics)
-    write_json(Path(cfg.metrics_dir) / "pretrain_history.json", history)
-    resume.clear()
+    if dist.is_main:  # one writer: DVC's outputs, the metrics and the resume state
+        save_checkpoint(model.cpu(), p.out, extra={"stage": "pretrain", "metrics": metrics,
+                                                   "world_size": dist.world_size})
+        write_json(Path(cfg.metrics_dir) / "pretrain.json", metrics)
+        write_json(Path(cfg.metrics_dir) / "pretrain_history.json", history)
+        resume.clear()
+    dist.barrier()
     return {"paths": {"checkpoint": p.out}, "metrics": metrics}
 
 

@@ -275,13 +275,23 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def make_loader(dataset: ShardedDataset, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """A DataLoader over ``dataset``; workers split the shards (each worker makes its own batches)."""
+def make_loader(dataset: ShardedDataset, batch_size: int, num_workers: int = 0,
+                pin_memory: bool | None = None) -> DataLoader:
+    """A DataLoader over ``dataset``; workers split the shards (each worker makes its own batches).
+
+    ``pin_memory`` (default: whether CUDA is available) puts batches in page-locked memory, so the
+    copy to the GPU can overlap compute (``non_blocking``)."""
     workers = min(num_workers, len(dataset.shards))
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
     # forkserver, not fork: the caller may already run threads (a Prefect API server, a progress
     # bar's monitor), and a fork of a threaded process can leave a worker holding a lock forever.
+    # Workers are not persistent: each keeps its own copy of the dataset, and the epoch that
+    # `ShardedDataset.set_epoch` sets (the shuffle order) would never reach a worker started before it.
+    # Each worker keeps a few batches ready (decompressing a shard is the slow part).
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                      persistent_workers=False, drop_last=False, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False, drop_last=False, pin_memory=pin_memory,
+                      prefetch_factor=4 if workers else None,
                       multiprocessing_context="forkserver" if workers else None)
 
 

@@ -1,5 +1,5 @@
 """Data-parallel offline training through torchrun (gloo on CPU): 2 processes reproduce 1 process
-with the same global batch, and only rank 0 writes the checkpoint and metrics."""
+with the same global batch, also in micro-batches, and only rank 0 writes the checkpoint and metrics."""
 import json
 import os
 import socket
@@ -38,12 +38,14 @@ def workdir(tmp_path_factory):
     return path
 
 
-def torchrun(workdir: Path, nproc: int, tag: str) -> subprocess.CompletedProcess:
+def torchrun(workdir: Path, nproc: int, tag: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SDL_VIDEODRIVER": "dummy"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "stages.offline",
            "--params", "none.yaml", "--preset", "smoke", "--set", "offline.epochs=2",
            "--set", f"metrics_dir=metrics-{tag}", "--set", f"offline.out=checkpoints/offline-{tag}"]
+    for item in extra:
+        cmd += ["--set", item]
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -52,14 +54,17 @@ def torchrun(workdir: Path, nproc: int, tag: str) -> subprocess.CompletedProcess
 def test_two_processes_match_one_with_the_same_global_batch(workdir):
     one = torchrun(workdir, 1, "one")
     two = torchrun(workdir, 2, "two")
+    # Each rank's share (8) in two micro-batches of 4: masked means weighted over both.
+    accum = torchrun(workdir, 2, "two-accum", "offline.grad_accum_steps=2")
     h1 = json.loads((workdir / "metrics-one/offline_history.json").read_text())
-    h2 = json.loads((workdir / "metrics-two/offline_history.json").read_text())
-    assert len(h1) == len(h2) == 2
-    for e1, e2 in zip(h1, h2):
-        for key in ("train_control_nll", "train_trajectory", "train_trajectory_l2_m"):
-            assert e2[key] == pytest.approx(e1[key], rel=1e-3, abs=1e-4), (key, e1[key], e2[key])
+    for tag in ("two", "two-accum"):
+        h2 = json.loads((workdir / f"metrics-{tag}/offline_history.json").read_text())
+        assert len(h1) == len(h2) == 2
+        for e1, e2 in zip(h1, h2):
+            for key in ("train_control_nll", "train_trajectory", "train_trajectory_l2_m", "train_value_loss"):
+                assert e2[key] == pytest.approx(e1[key], rel=1e-3, abs=1e-4), (tag, key, e1[key], e2[key])
     # The checkpoint is written once, by rank 0, and records the world size.
-    assert (one.stdout + one.stderr).count("saved DrivingVLA") == 1
-    assert (two.stdout + two.stderr).count("saved DrivingVLA") == 1
+    for proc in (one, two, accum):
+        assert (proc.stdout + proc.stderr).count("saved DrivingVLA") == 1
     facts = json.loads((workdir / "checkpoints/offline-two/training.json").read_text())
     assert facts["world_size"] == 2
