@@ -126,6 +126,12 @@ class OnlineParams(_Strict):
     ppo: PPOConfig = PPOConfig(num_steps=512, batch_size=64, num_epochs=4, learning_rate=1e-4)
     sac: SACConfig = SACConfig(buffer_size=50_000, batch_size=64, learning_starts=256, utd_ratio=0.25,
                                random_warmup=False)
+    select_best: bool = Field(True, description="end with the weights that drove best on validation seeds "
+                                                "(scored before training and after every validate_every-th "
+                                                "update), not the last update's")
+    val_episodes: int = Field(10, ge=1, description="validation episodes per score (seeds disjoint from the "
+                                                    "held-out eval seeds)")
+    validate_every: int = Field(1, ge=1, description="score every this many PPO updates / SAC log intervals")
     init_from: str | None = Field(None, description="start from this checkpoint instead of offline.out "
                                                     "(scheduled retraining starts from production)")
 

@@ -28,8 +28,10 @@ from stages.training import load_or_init, save_checkpoint
 
 log = logging.getLogger(__name__)
 
-# Evaluation seeds lie far from the training and data seeds so the figures are held-out.
+# Evaluation seeds lie far from the training and data seeds so the figures are held-out; validation
+# seeds (which pick the best weights) lie elsewhere again, so the held-out figures stay unbiased.
 EVAL_SEED_OFFSET = 1_000_000
+VAL_SEED_OFFSET = 500_000
 RUN_DIR = Path("runs") / "online"
 
 
@@ -86,6 +88,14 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             write_json(RUN_DIR / "before.json", {"key": key, "metrics": before})
         log.info("online: before fine-tuning %s", before)
 
+        keeper = None
+        if o.select_best:
+            from stages.rl.selection import BestPolicyKeeper
+
+            val_seed = cfg.seed + VAL_SEED_OFFSET
+            keeper = BestPolicyKeeper(
+                model, lambda: evaluate(model, eval_env, o.val_episodes, val_seed, device)["route_completion"],
+                RUN_DIR, every=o.validate_every, key=key)
         if o.algo == "sac":
             from stages.rl.sac import SACTrainer
             from stages.rl.vector import vector_env_from_fns
@@ -93,7 +103,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             env = vector_env_from_fns(env_fns(cfg.env, o.sac.num_envs, seed=cfg.seed))
             try:
                 trainer = SACTrainer(model, env, o.sac, device=device, seed=cfg.seed)
-                train_stats = trainer.train(o.total_timesteps, save_dir=RUN_DIR)
+                if keeper is not None:
+                    keeper.start()
+                train_stats = trainer.train(o.total_timesteps, save_dir=RUN_DIR, callback=keeper)
             finally:
                 env.close()
         else:
@@ -102,9 +114,15 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             trainer = PPOTrainer(model, env_fns(cfg.env, o.ppo.num_envs, seed=cfg.seed), o.ppo, device=device,
                                  seed=cfg.seed)
             try:
-                train_stats = trainer.train(o.total_timesteps, save_dir=RUN_DIR, checkpoint_key=key)
+                if keeper is not None:
+                    keeper.start()
+                train_stats = trainer.train(o.total_timesteps, save_dir=RUN_DIR, checkpoint_key=key, callback=keeper)
             finally:
                 trainer.close()
+        selection = keeper.restore() if keeper is not None else None
+        if selection is not None:
+            log.info("online: keeping the weights of step %d (validation route completion %.3f)",
+                     selection["best_step"], selection["best_score"])
 
         after = evaluate(model, eval_env, o.eval_episodes, eval_seed, device)
         log.info("online: after fine-tuning %s", after)
@@ -116,6 +134,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         **{f"after_{k}": v for k, v in after.items() if k != "episodes"},
         "route_completion_gain": after["route_completion"] - before["route_completion"],
         "eval_episodes": o.eval_episodes,
+        **({"selected_step": selection["best_step"], "selected_val_route_completion": selection["best_score"]}
+           if selection is not None else {}),
         "timesteps": int(trainer.global_step),
         "steps_per_second": float(train_stats.get("steps_per_second", 0.0)),
         "seconds": round(time.perf_counter() - t0, 2),
