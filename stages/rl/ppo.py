@@ -412,7 +412,8 @@ class PPOTrainer:
                                 "completion": float(np.sum(self.episode_completion))})
         if totals["n"] == 0:
             return {}
-        return {"episode_return": totals["return"] / totals["n"], "route_completion": totals["completion"] / totals["n"]}
+        n = totals["n"]
+        return {"episode_return": totals["return"] / n, "route_completion": totals["completion"] / n}
 
     def _learner_threads(self) -> int:
         if self.config.learner_threads is not None:

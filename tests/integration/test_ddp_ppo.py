@@ -18,6 +18,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_STEPS, NUM_EPOCHS = 64, 8  # per rank
+# A target_kl the ranks' own epoch KLs fall on both sides of now and then (each rank measures the
+# shared policy's change on its own rollout): decided alone, one rank would stop while the other
+# waits in the next gradient all-reduce.
+TARGET_KL, UPDATES = 0.01, 6
 
 
 def free_port() -> int:
@@ -83,8 +87,8 @@ def _worker(out: Path, mode: str) -> None:
 
             env.reset = recording_reset  # type: ignore[method-assign]
             cfg = PPOConfig(num_steps=NUM_STEPS, batch_size=16, num_epochs=NUM_EPOCHS, num_envs=2,
-                            learning_rate=0.05, target_kl=1e-4)
-            updates = 3
+                            learning_rate=0.01, target_kl=TARGET_KL)
+            updates = UPDATES
         else:
             env = [functools.partial(gym.make, "Pendulum-v1")]
             resets = []
@@ -144,35 +148,37 @@ def test_two_ranks_train_in_step_and_rank0_alone_writes(tmp_path):
     assert [seed for seed, _ in r0["resets"]] == [0] and [seed for seed, _ in r1["resets"]] == [1000]
     assert r0["resets"][0][1] != r1["resets"][0][1]
 
-    # global_step counts both ranks' steps: 3 updates of 64 steps on each of 2 ranks.
-    assert r0["global_step"] == r1["global_step"] == 3 * NUM_STEPS * 2
-    assert r0["updates"] == r1["updates"] == 3
-    assert [s["global_step"] for s in r0["seen"]] == [128.0, 256.0, 384.0]
+    # global_step counts both ranks' steps: UPDATES updates of 64 steps on each of 2 ranks.
+    steps = [u * NUM_STEPS * 2 for u in range(1, UPDATES + 2)]  # and one more after the resume
+    assert r0["global_step"] == r1["global_step"] == steps[UPDATES - 1]
+    assert r0["updates"] == r1["updates"] == UPDATES
+    assert [s["global_step"] for s in r0["seen"]] == steps[:UPDATES]
 
-    # target_kl stopped the epochs early, on a KL both ranks agreed on (their own KLs differ).
-    assert all(s["epochs"] < NUM_EPOCHS for s in r0["seen"])
+    # target_kl stopped epochs early, on the KL averaged over the ranks: both took the same
+    # decisions, also where their own KLs lay on either side of target_kl.
+    assert any(s["epochs"] < NUM_EPOCHS for s in r0["seen"])
     assert [s["epochs"] for s in r0["seen"]] == [s["epochs"] for s in r1["seen"]]
     assert [agreed for _, agreed in r0["agreed_kl"]] == [agreed for _, agreed in r1["agreed_kl"]]
-    assert [own for own, _ in r0["agreed_kl"]] != [own for own, _ in r1["agreed_kl"]]
+    split = [(a > TARGET_KL) != (b > TARGET_KL) for (a, _), (b, _) in zip(r0["agreed_kl"], r1["agreed_kl"])]
+    assert any(split), "the ranks' own KLs never fell on both sides of target_kl: the test shows nothing"
 
     # Rank 0 alone wrote the checkpoint (once per update) and the scalars.
-    assert r0["saves"][:3] == [128, 256, 384] and r1["saves"] == []
+    assert r0["saves"] == steps and r1["saves"] == []
     from stages.rl.scalars import read_scalars
 
     curves = read_scalars(tmp_path / "run" / "scalars.jsonl")
-    assert [step for step, _ in curves["ppo/global_step"]] == [128, 256, 384, 512]
+    assert [step for step, _ in curves["ppo/global_step"]] == steps
     lines = (tmp_path / "run" / "scalars.jsonl").read_text().splitlines()
-    assert sum('"ppo/global_step"' in line for line in lines) == 4  # one writer, not two
+    assert sum('"ppo/global_step"' in line for line in lines) == len(steps)  # one writer, not two
 
-    # Resume: every rank loaded the checkpoint and went on from step 384, still in step.
-    assert r0["resumed"]["global_step"] == r1["resumed"]["global_step"] == 4 * NUM_STEPS * 2
-    assert r0["resumed"]["updates"] == 4
+    # Resume: every rank loaded the checkpoint and went on from its step, still in step.
+    assert r0["resumed"]["global_step"] == r1["resumed"]["global_step"] == steps[-1]
+    assert r0["resumed"]["updates"] == UPDATES + 1
     _assert_identical(r0["resumed"]["params"], r1["resumed"]["params"])
-    assert r0["saves"] == [128, 256, 384, 512]
     from stages.rl.checkpoint import TrainingCheckpoint
 
     saved = TrainingCheckpoint(tmp_path / "run").load()
-    assert saved["global_step"] == 512 and saved["updates"] == 4
+    assert saved["global_step"] == steps[-1] and saved["updates"] == UPDATES + 1
     _assert_identical({k: v for k, v in saved["model"].items()}, r0["resumed"]["params"])
 
 
@@ -208,6 +214,34 @@ def test_online_stage_under_torchrun_writes_its_outputs_once(tmp_path):
     assert facts["world_size"] == 2
     # Both ranks returned rank 0's metrics (the stage prints them once per rank).
     assert proc.stdout.count('"route_completion_gain"') == 2
+
+
+
+def test_online_sac_under_torchrun_trains_data_parallel_or_says_it_cannot(tmp_path):
+    """SAC joins the job where `SACTrainer` takes ``dist``; where it does not, every rank stops at
+    once with an error that says so, before any evaluation or write."""
+    import inspect
+
+    from models import DrivingVLA
+    from stages.config import build_config
+    from stages.rl.sac import SACTrainer
+    from stages.training import model_config
+
+    cfg = build_config(preset="smoke", overrides=["online.algo=sac"])
+    torch.manual_seed(0)
+    DrivingVLA(model_config(cfg)).save_pretrained(tmp_path / cfg.offline.out)
+    args = ["-m", "stages.online", "--params", "none.yaml", "--preset", "smoke", "--set", "online.algo=sac"]
+    if "dist" in inspect.signature(SACTrainer).parameters:
+        proc = torchrun(args, cwd=tmp_path)
+        assert (proc.stdout + proc.stderr).count("saved DrivingVLA") == 1
+        assert json.loads((tmp_path / "metrics" / "online.json").read_text())["timesteps"] >= cfg.online.total_timesteps
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "this SACTrainer takes no dist argument" in proc.stdout + proc.stderr
+    assert not (tmp_path / "runs" / "online").exists() and not (tmp_path / "metrics").exists()
 
 
 if __name__ == "__main__":
