@@ -8,10 +8,16 @@ added to the stage-2 starting point.
 Resuming: the trainer checkpoints into ``runs/online/`` after every update; a killed run started
 again with the same settings (and the same stage-2 checkpoint) resumes at the saved step count.
 Changed settings start afresh.
+
+Data parallel: ``torchrun --nproc-per-node N -m stages.online`` runs N ranks (one GPU each on CUDA,
+``cuda:<local_rank>``). Every rank drives its own envs (seeds offset by rank) and collects its own
+rollouts; the gradients are averaged (`stages.rl.ppo`). Rank 0 alone evaluates, writes the run
+directory, the checkpoint and the metrics; the other ranks wait for it.
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -21,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from stages.accel import Distributed, distributed
 from stages.common import resolve_device, seed_everything, stage_main, write_json
 from stages.config import PipelineConfig
 from stages.resume import fingerprint
@@ -66,30 +73,44 @@ def _digest(path: Path) -> str:
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """Train on this process, or as one rank of a ``torchrun`` job (rank 0 evaluates and writes)."""
+    with distributed(resolve_device(cfg.device)) as dist:
+        return _run(cfg, dist)
+
+
+def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
     from stages.envs import make_env
     from stages.envs.factory import env_fns
+    from stages.rl.ppo import rank_seed
 
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)  # the same on every rank: the model starts alike everywhere
+    device = dist.device(resolve_device(cfg.device))
     o = cfg.online
+    sac_kwargs = _sac_dist_kwargs(dist) if o.algo == "sac" else {}
     model = load_or_init(cfg, upstream=o.init_from or cfg.offline.out).to(device)
     key = fingerprint(cfg.model, cfg.env, o, {"seed": cfg.seed, "upstream": _digest(Path(cfg.offline.out))})
     eval_seed = cfg.seed + EVAL_SEED_OFFSET
+    # Each rank's envs start from seeds of their own (rank 0's are a one-process run's).
+    train_seed = rank_seed(cfg.seed, dist)
 
-    eval_env = make_env(cfg.env, seed=eval_seed)
+    eval_env = make_env(cfg.env, seed=eval_seed) if dist.is_main else None
     t0 = time.perf_counter()
+    before: dict[str, float] = {}
+    after: dict[str, float] = {}
     try:
-        # The starting point's figures are kept with the run: a resumed run does not re-drive them.
-        saved = json.loads((RUN_DIR / "before.json").read_text()) if (RUN_DIR / "before.json").is_file() else None
-        if saved is not None and saved.get("key") == key:
-            before = saved["metrics"]
-        else:
-            before = evaluate(model, eval_env, o.eval_episodes, eval_seed, device)
-            write_json(RUN_DIR / "before.json", {"key": key, "metrics": before})
-        log.info("online: before fine-tuning %s", before)
+        if dist.is_main:
+            # The starting point's figures are kept with the run: a resumed run does not re-drive them.
+            saved = json.loads((RUN_DIR / "before.json").read_text()) if (RUN_DIR / "before.json").is_file() else None
+            if saved is not None and saved.get("key") == key:
+                before = saved["metrics"]
+            else:
+                before = evaluate(model, eval_env, o.eval_episodes, eval_seed, device)
+                write_json(RUN_DIR / "before.json", {"key": key, "metrics": before})
+            log.info("online: before fine-tuning %s", before)
+        dist.barrier()  # the other ranks wait for rank 0's evaluation
 
         keeper = None
-        if o.select_best:
+        if o.select_best and dist.is_main:  # rank 0 alone drives, keeps and saves the best weights
             from stages.rl.selection import BestPolicyKeeper
 
             val_seed = cfg.seed + VAL_SEED_OFFSET
@@ -100,9 +121,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             from stages.rl.sac import SACTrainer
             from stages.rl.vector import vector_env_from_fns
 
-            env = vector_env_from_fns(env_fns(cfg.env, o.sac.num_envs, seed=cfg.seed))
+            env = vector_env_from_fns(env_fns(cfg.env, o.sac.num_envs, seed=train_seed))
             try:
-                trainer = SACTrainer(model, env, o.sac, device=device, seed=cfg.seed)
+                trainer = SACTrainer(model, env, o.sac, device=device, seed=cfg.seed, **sac_kwargs)
                 if keeper is not None:
                     keeper.start()
                 train_stats = trainer.train(o.total_timesteps, save_dir=RUN_DIR, callback=keeper)
@@ -111,8 +132,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         else:
             from stages.rl.ppo import PPOTrainer
 
-            trainer = PPOTrainer(model, env_fns(cfg.env, o.ppo.num_envs, seed=cfg.seed), o.ppo, device=device,
-                                 seed=cfg.seed)
+            trainer = PPOTrainer(model, env_fns(cfg.env, o.ppo.num_envs, seed=train_seed), o.ppo, device=device,
+                                 seed=cfg.seed, dist=dist)
             try:
                 if keeper is not None:
                     keeper.start()
@@ -124,11 +145,16 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             log.info("online: keeping the weights of step %d (validation route completion %.3f)",
                      selection["best_step"], selection["best_score"])
 
-        after = evaluate(model, eval_env, o.eval_episodes, eval_seed, device)
-        log.info("online: after fine-tuning %s", after)
+        if dist.is_main:
+            after = evaluate(model, eval_env, o.eval_episodes, eval_seed, device)
+            log.info("online: after fine-tuning %s", after)
     finally:
-        eval_env.close()
+        if eval_env is not None:
+            eval_env.close()
 
+    if not dist.is_main:
+        dist.barrier()  # wait until rank 0 has written the checkpoint and the metrics
+        return {"paths": {"checkpoint": o.out}, "metrics": _from_rank0(dist, None)}
     metrics = {
         **{f"before_{k}": v for k, v in before.items() if k != "episodes"},
         **{f"after_{k}": v for k, v in after.items() if k != "episodes"},
@@ -140,9 +166,36 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         "steps_per_second": float(train_stats.get("steps_per_second", 0.0)),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    save_checkpoint(model.cpu(), o.out, extra={"stage": "online", "algo": o.algo, "metrics": metrics})
+    save_checkpoint(model.cpu(), o.out, extra={"stage": "online", "algo": o.algo, "metrics": metrics,
+                                               "world_size": dist.world_size})
     write_json(Path(cfg.metrics_dir) / "online.json", metrics)
-    return {"paths": {"checkpoint": o.out}, "metrics": metrics}
+    dist.barrier()
+    return {"paths": {"checkpoint": o.out}, "metrics": _from_rank0(dist, metrics)}
+
+
+def _sac_dist_kwargs(dist: Distributed) -> dict[str, Any]:
+    """``{"dist": dist}`` where `SACTrainer` takes it; alone, nothing. Several ranks need it: without
+    it every rank would train a SAC of its own and all of them write the same run directory."""
+    from stages.rl.sac import SACTrainer
+
+    if "dist" in inspect.signature(SACTrainer).parameters:
+        return {"dist": dist}
+    if dist.enabled:
+        raise RuntimeError(f"online.algo=sac under torchrun (world size {dist.world_size}): this SACTrainer "
+                           "takes no dist argument, so it cannot train data-parallel; run SAC as one process "
+                           "(python -m stages.online) or use online.algo=ppo")
+    return {}
+
+
+def _from_rank0(dist: Distributed, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (so every rank returns the same result)."""
+    if not dist.enabled:
+        return value
+    import torch.distributed
+
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def main() -> None:

@@ -19,6 +19,20 @@ from the value of the final observation (``info["final_obs"]``, same-step autore
 With a ``save_dir`` the trainer writes TensorBoard scalars and a checkpoint (model, optimiser, RNG
 states, counters) every ``checkpoint_every`` updates; a new trainer given the same ``save_dir``
 resumes from it at the same step count (`stages.rl.checkpoint`).
+
+Data parallel (``torchrun --nproc-per-node N``, ``dist=`` a `stages.accel.Distributed`): every rank
+owns its own env workers (seeded ``seed + 1000 * rank``, see :func:`rank_seed`) and its own
+exploration noise, and collects its own rollout of ``num_steps``. ``num_steps`` and ``batch_size``
+are *per rank*: one update learns from ``N * num_steps`` env steps, in minibatches of
+``N * batch_size``, and a rank-0 rollout looks exactly like a single process's. ``global_step``
+counts the steps of all ranks, so ``total_timesteps``, ``value_warmup_steps`` and the learning-rate
+schedule mean the same at any world size. The gradients of every minibatch are averaged over the
+ranks before clipping, and all ranks start from rank 0's weights, so they hold bit-identical
+weights throughout. Advantages are normalised per minibatch on each rank (over that rank's share),
+as in one process. Every rank must take the same number of gradient steps (each one is a
+collective): the ``target_kl`` early stop and a callback's stop are decided on values agreed over
+the ranks. Rank 0 alone writes the checkpoint and the scalars (the logged statistics are averages
+over the ranks); a resumed run loads the checkpoint on every rank.
 """
 from __future__ import annotations
 
@@ -34,6 +48,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from stages.accel import Distributed, maybe_compile
 from stages.rl.buffers import RolloutBuffer
 from stages.rl.checkpoint import TrainingCheckpoint, capture_rng, restore_rng
 from stages.rl.scalars import ScalarWriter
@@ -44,7 +59,16 @@ from stages.training import ENCODER_PREFIXES
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PPOConfig", "PPOTrainer"]
+__all__ = ["PPOConfig", "PPOTrainer", "rank_seed"]
+
+# Seeds of different ranks lie this far apart (env i of rank r is seeded ``seed + 1000 * r + i``).
+RANK_SEED_STRIDE = 1000
+
+
+def rank_seed(seed: int, dist: Distributed | None) -> int:
+    """This rank's seed: ``seed`` alone or on rank 0, ``seed + 1000 * rank`` on the others, so every
+    rank's envs and exploration noise differ while a one-process run keeps its seeds."""
+    return seed + RANK_SEED_STRIDE * (dist.rank if dist is not None else 0)
 
 
 class PPOTrainer:
@@ -54,14 +78,22 @@ class PPOTrainer:
     one-env vector), or a sequence of env constructors (picklable callables, e.g.
     `stages.envs.factory.env_fns`). Constructors are required for ``config.async_collection``;
     without it they are built into a vector env (one subprocess each when there are several).
+
+    ``dist``: this process's place in a ``torchrun`` job (see the module docstring); ``env`` is then
+    this rank's own envs, and ``seed`` the job's seed (the trainer offsets it by rank).
     """
 
     def __init__(self, model: torch.nn.Module, env: Any, config: PPOConfig | None = None,
-                 device: str | torch.device = "cpu", seed: int = 0):
+                 device: str | torch.device = "cpu", seed: int = 0, dist: Distributed | None = None):
         self.config = cfg = config or PPOConfig()
         self.device = torch.device(device)
         self.model = model.to(self.device)
-        self.seed = seed
+        self.dist = dist or Distributed()
+        self.seed = rank_seed(seed, self.dist)
+        if self.dist.enabled:
+            # The model is built already (alike on every rank): from here on each rank samples
+            # exploration noise of its own.
+            torch.manual_seed(self.seed)
         self.env_fns: list[Callable[[], gym.Env]] | None = None
         self.env: gym.vector.VectorEnv | None = None
         self._collector: Any = None
@@ -91,6 +123,7 @@ class PPOTrainer:
         # Frozen encoders: rollouts store the encoders' outputs, so updates skip the encoders.
         self.adapter: ObsAdapter = make_obs_adapter(self.model, obs_space, encoded=cfg.freeze_encoders)
         self.policy = self.adapter.policy(self.model)
+        self._evaluate_actions = maybe_compile(self.policy.evaluate_actions, cfg.compile, self.device)
 
         if cfg.init_log_std is not None:
             self.model.set_log_std(cfg.init_log_std)
@@ -106,7 +139,7 @@ class PPOTrainer:
                                   if p.requires_grad and not n.startswith("value_head")]
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
                                           lr=cfg.learning_rate, eps=1e-5)
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(self.seed)
         self.global_step = 0
         self.updates = 0
         self.episode_returns: deque[float] = deque(maxlen=50)
@@ -153,7 +186,7 @@ class PPOTrainer:
             buffer.add(fields, actions, log_prob.float().cpu().numpy(), value.float().cpu().numpy(), reward,
                        self._dones)
             self._obs, self._dones = next_obs, done
-            self.global_step += self.num_envs
+            self.global_step += self.num_envs * self.dist.world_size  # every rank steps alike
         last_value = self.policy(*self.adapter.to_inputs(self._obs, self.device)).value.float().cpu().numpy()
         buffer.finish(last_value, self._dones, cfg.gamma, cfg.gae_lambda)
 
@@ -171,7 +204,7 @@ class PPOTrainer:
         for _ in range(cfg.num_epochs):
             epoch_kl: list[float] = []
             for mb in buffer.minibatches(cfg.batch_size, self.device, self.rng):
-                log_prob, entropy, value = self.policy.evaluate_actions(*self.adapter.model_inputs(mb.obs), mb.actions)
+                log_prob, entropy, value = self._evaluate_actions(*self.adapter.model_inputs(mb.obs), mb.actions)
                 log_ratio = log_prob - mb.log_probs
                 ratio = log_ratio.exp()
                 adv = mb.advantages
@@ -191,6 +224,7 @@ class PPOTrainer:
                     loss = pg_loss + cfg.value_coef * v_loss - cfg.entropy_coef * ent
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                self._average_gradients(params)
                 if warmup:  # only the value head moves: a shared trunk would drag the policy along
                     for p in self._non_value_params:
                         p.grad = None
@@ -205,7 +239,9 @@ class PPOTrainer:
                 stats["approx_kl"].append(approx_kl)
                 stats["clip_fraction"].append(((ratio - 1).abs() > cfg.clip_epsilon).float().mean().item())
             epochs += 1
-            if cfg.target_kl is not None and float(np.mean(epoch_kl)) > cfg.target_kl:
+            # The KL averaged over the ranks: every rank takes the same decision, so none leaves
+            # the gradient all-reduce while the others wait in it.
+            if cfg.target_kl is not None and self.dist.mean(float(np.mean(epoch_kl))) > cfg.target_kl:
                 break
         self.updates += 1
         out = {k: float(np.mean(v)) for k, v in stats.items()}
@@ -214,6 +250,18 @@ class PPOTrainer:
         var = float(np.var(buffer.returns))
         out["explained_variance"] = float("nan") if var == 0 else 1.0 - float(np.var(buffer.returns - buffer.values)) / var
         return out
+
+    def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Average the minibatch gradients over the ranks (nothing when alone)."""
+        if not self.dist.enabled:
+            return
+        # Parameters outside this loss (e.g. a trajectory head) keep no gradient, as in one process,
+        # so Adam leaves them alone rather than stepping on zeros. Every rank builds the same
+        # graph, so the ranks agree on which ones these are.
+        unused = [p for p in params if p.grad is None]
+        self.dist.average_gradients(params)
+        for p in unused:
+            p.grad = None
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -233,6 +281,10 @@ class PPOTrainer:
         self.rng.bit_generator.state = state["rng"]["trainer"]
         self.episode_returns.extend(state["episode_returns"])
         self.episode_completion.extend(state["episode_completion"])
+        if self.dist.enabled:
+            # The checkpoint holds rank 0's generators: each rank goes on with streams of its own.
+            torch.manual_seed(self.seed + 7919 * self.updates)
+            self.rng = np.random.default_rng([self.seed, self.updates])
         self._obs = None  # environments cannot be restored: new episodes start on the next rollout
 
     # -- loop -----------------------------------------------------------------------------------
@@ -246,16 +298,21 @@ class PPOTrainer:
         ``checkpoint_key`` (e.g. a config fingerprint) is stored with it; a checkpoint with another key
         is not resumed from. ``callback(stats)`` runs after every update (its ``global_step`` key says where training is);
         returning ``False`` stops training there.
+
+        Under ``torchrun`` every rank calls this with the same arguments: the checkpoint is loaded on
+        every rank and written by rank 0 alone, as are the scalars; the callback runs on every rank
+        with the statistics averaged over the ranks, and ``False`` from any rank stops them all.
         """
         cfg = self.config
         ckpt = TrainingCheckpoint(save_dir, key=checkpoint_key) if save_dir is not None else None
         if ckpt is not None and resume and (state := ckpt.load()) is not None:
             self.load_state_dict(state)
             log.info("ppo: resumed at step %d (update %d) from %s", self.global_step, self.updates, ckpt.path)
-        writer = _summary_writer(save_dir)
+        self._join_ranks()
+        writer = _summary_writer(save_dir) if self.dist.is_main else None
         start, start_step = time.perf_counter(), self.global_step
         bar = tqdm(total=total_timesteps, initial=min(self.global_step, total_timesteps), desc="ppo", unit="step",
-                   disable=None)
+                   disable=None if self.dist.is_main else True)
         stats: dict[str, float] = {}
         buffer = None
         threads_before = torch.get_num_threads()
@@ -283,7 +340,7 @@ class PPOTrainer:
                     buffer.compute_advantages(cfg.gamma, cfg.gae_lambda)
                     self.episode_returns.extend(roll.pop("episode_returns"))
                     self.episode_completion.extend(roll.pop("episode_completion"))
-                    self.global_step += self.rollout_len * self.num_envs
+                    self.global_step += self.rollout_len * self.num_envs * self.dist.world_size
                     t_update = time.perf_counter()
                     stats = self.update(buffer)
                     stats["update_seconds"] = time.perf_counter() - t_update
@@ -292,20 +349,23 @@ class PPOTrainer:
                     roll["env_steps"] = float(self._collector.steps_taken)
                     roll["env_seconds"] = time.monotonic() - (self._collector.first_step_time or time.monotonic())
                 stats.update(roll)
-                stats["global_step"] = float(self.global_step)
                 stats["steps_per_second"] = (self.global_step - start_step) / (time.perf_counter() - start)
-                if self.episode_returns:
-                    stats["episode_return"] = float(np.mean(self.episode_returns))
-                    stats["route_completion"] = float(np.mean(self.episode_completion))
+                stats = self._mean_over_ranks(stats)
+                stats["global_step"] = float(self.global_step)
+                stats.update(self._episode_stats())
                 bar.update(self.global_step - before)
                 bar.set_postfix(sps=f"{stats['steps_per_second']:.0f}",
                                 ret=f"{stats.get('episode_return', float('nan')):.1f}")
                 if writer is not None:
                     for key, value in stats.items():
                         writer.add_scalar(f"ppo/{key}", value, self.global_step)
-                if ckpt is not None and (self.updates % checkpoint_every == 0 or self.global_step >= total_timesteps):
+                if ckpt is not None and self.dist.is_main and (self.updates % checkpoint_every == 0
+                                                               or self.global_step >= total_timesteps):
                     ckpt.save(self.state_dict())
-                if callback is not None and callback(stats) is False:
+                stop = callback is not None and callback(stats) is False
+                if self.dist.enabled:  # one rank leaving the loop would leave the others in its collectives
+                    stop = self.dist.sum({"stop": float(stop)})["stop"] > 0
+                if stop:
                     log.info("ppo: stopped by the callback at step %d", self.global_step)
                     break
         finally:
@@ -316,6 +376,44 @@ class PPOTrainer:
             if self._collector is not None:
                 self._collector.stop()
         return stats
+
+    def _join_ranks(self) -> None:
+        """Start every rank from rank 0's weights, and check that the ranks stand at the same step
+        with the same rollout shape (else their numbers of collectives would differ and the job hang)."""
+        if not self.dist.enabled:
+            return
+        cfg = self.config
+        mine = (self.global_step, self.updates, cfg.num_steps, cfg.batch_size, cfg.num_epochs)
+        everyone: list[Any] = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(everyone, mine)
+        if any(other != everyone[0] for other in everyone):
+            raise RuntimeError("ppo: the ranks disagree on (global_step, updates, num_steps, batch_size, num_epochs): "
+                               f"{everyone}; every rank needs the same settings and checkpoint")
+        with torch.no_grad():
+            for t in [*self.model.parameters(), *self.model.buffers()]:
+                if t.is_floating_point():
+                    torch.distributed.broadcast(t, src=0)
+
+    def _mean_over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
+        """The ranks' update and rollout statistics, averaged (every rank has the same keys)."""
+        if not self.dist.enabled:
+            return stats
+        return {k: v / self.dist.world_size for k, v in self.dist.sum(stats).items()}
+
+    def _episode_stats(self) -> dict[str, float]:
+        """Mean return and route completion of the recent episodes of all ranks."""
+        if not self.dist.enabled:
+            if not self.episode_returns:
+                return {}
+            return {"episode_return": float(np.mean(self.episode_returns)),
+                    "route_completion": float(np.mean(self.episode_completion))}
+        # Sums and counts, not means: a rank without a finished episode yet still joins the collective.
+        totals = self.dist.sum({"n": float(len(self.episode_returns)), "return": float(np.sum(self.episode_returns)),
+                                "completion": float(np.sum(self.episode_completion))})
+        if totals["n"] == 0:
+            return {}
+        n = totals["n"]
+        return {"episode_return": totals["return"] / n, "route_completion": totals["completion"] / n}
 
     def _learner_threads(self) -> int:
         if self.config.learner_threads is not None:

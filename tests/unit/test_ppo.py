@@ -204,3 +204,57 @@ def test_value_warmup_leaves_a_shared_trunk_alone():
     trainer.train(16)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
     assert changed and all(k.startswith("value_head") for k in changed)
+
+
+def _one_update(compile: bool | None) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    env = _pendulum(2)
+    cfg = PPOConfig(num_steps=64, batch_size=32, num_epochs=2, num_envs=2, compile=compile)
+    trainer = PPOTrainer(MLPActorCritic.for_env(env), env, cfg, seed=0)
+    buffer = RolloutBuffer(trainer.rollout_len, 2, trainer.adapter.fields(), trainer.action_dim)
+    trainer.collect_rollouts(buffer)
+    stats = trainer.update(buffer)
+    env.close()
+    return stats, trainer.model.state_dict()
+
+
+# Inductor imports torch's own TorchScript modules (mkldnn), which warn about TorchScript.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_update_matches_the_eager_one():
+    """``compile=True`` runs the update's forward through torch.compile (inductor, even on CPU)
+    and lands on the eager update's weights; ``None`` leaves CPU eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager_stats, eager = _one_update(None)
+    assert counters["frames"]["ok"] == 0  # None: off on CPU
+    compiled_stats, compiled = _one_update(True)
+    assert counters["frames"]["ok"] >= 1
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], atol=1e-6, rtol=1e-5)
+    assert compiled_stats["policy_loss"] == pytest.approx(eager_stats["policy_loss"], abs=1e-6)
+    torch._dynamo.reset()
+
+
+def test_a_world_of_one_trains_as_without_dist(tmp_path):
+    """``dist=Distributed()`` (no torchrun) is a one-process run: same seeds, steps and weights."""
+    from stages.accel import Distributed
+    from stages.rl.ppo import rank_seed
+
+    assert rank_seed(7, None) == rank_seed(7, Distributed()) == 7
+    assert rank_seed(7, Distributed(rank=2, local_rank=0, world_size=4)) == 2007
+    results = []
+    for dist in (None, Distributed()):
+        torch.manual_seed(0)
+        env = _pendulum(2)
+        cfg = PPOConfig(num_steps=64, batch_size=32, num_epochs=2, num_envs=2, target_kl=0.5)
+        trainer = PPOTrainer(MLPActorCritic.for_env(env), env, cfg, seed=3, dist=dist)
+        trainer.train(128, save_dir=tmp_path / str(dist is None))
+        results.append((trainer.global_step, trainer.model.state_dict()))
+        env.close()
+    (steps_a, a), (steps_b, b) = results
+    assert steps_a == steps_b == 128
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert TrainingCheckpoint(tmp_path / "False").load()["global_step"] == 128
