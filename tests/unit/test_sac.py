@@ -176,3 +176,133 @@ def test_twin_q_head_scales_actions_to_unit_box():
     np.testing.assert_allclose(head.normalize_action(torch.tensor([[1.0, 0.0, 0.5]])), [[1.0, 0.0, 0.0]])
     q1, q2 = head(torch.randn(5, 4), torch.rand(5, 3))
     assert q1.shape == q2.shape == (5,) and not torch.equal(q1, q2)
+
+
+# -- what the replay buffer stores ---------------------------------------------------------------
+
+def test_frozen_parts_are_stored_once_and_give_the_models_own_features(env):
+    from stages.rl.policies import make_obs_adapter
+
+    obs, _ = make_env(EnvConfig(image_size=IMAGE, max_episode_steps=20), seed=3).reset(seed=3)
+    for kw, storage, fields in ((dict(freeze_encoders=True), "encoded", {"vision_tokens", "text_features", "state"}),
+                                (dict(train_trunk=False), "features", {"features"}),
+                                ({}, "raw", {"image", "state", "tokens"})):
+        model = _model()
+        trainer = SACTrainer(model, env, _cfg(**kw), seed=0)
+        assert trainer.storage == storage and set(trainer.buffer.fields) == fields
+        batch = trainer.adapter.batch_one(obs)
+        with torch.no_grad():
+            stored = trainer._compute_features(*trainer._inputs(trainer._encode(batch)))
+            direct = model.compute_features(*make_obs_adapter(model, env.observation_space).to_inputs(batch, "cpu"))
+        torch.testing.assert_close(stored, direct, rtol=1e-4, atol=1e-5)
+
+
+# -- stepping ---------------------------------------------------------------------------------------
+
+class _RecordingVectorEnv(gym.vector.SyncVectorEnv):
+    """A vector env with step_async / step_wait (as AsyncVectorEnv has) that records their order."""
+
+    def __init__(self, fns, events):
+        super().__init__(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        self.events = events
+
+    def step_async(self, actions):
+        self.events.append("async")
+        self._actions_in_flight = actions
+
+    def step_wait(self):
+        self.events.append("wait")
+        return self.step(self._actions_in_flight)
+
+
+def _latency_env_fns(n, max_episode_steps=5):
+    import functools
+
+    from stages.envs.testing import FixedLatencyEnv
+
+    return [functools.partial(FixedLatencyEnv, step_seconds=0.0, image_size=IMAGE, max_episode_steps=max_episode_steps)
+            for _ in range(n)]
+
+
+def test_updates_run_while_the_vector_env_steps():
+    events = []
+    trainer = SACTrainer(_model(), _RecordingVectorEnv(_latency_env_fns(2), events),
+                         _cfg(train_trunk=False, learning_starts=8, utd_ratio=0.5), seed=0)
+    original = trainer.update
+    trainer.update = lambda batch=None: (events.append("update"), original(batch))[1]
+    trainer.train(16)
+    # Steps 1-3 (global steps 2-6) owe nothing; from step 4 (global 8) on each step owes one update,
+    # run between sending the actions and collecting the step.
+    assert events[:6] == ["async", "wait"] * 3
+    assert events[6:] == ["async", "update", "wait"] * 5
+    assert trainer.updates == 5
+
+
+def test_env_pool_steps_envs_apart_and_stores_every_true_next_observation():
+    trainer = SACTrainer(_model(), _latency_env_fns(3), _cfg(freeze_encoders=True, learning_starts=8, utd_ratio=0.5),
+                         seed=0)
+    try:
+        assert trainer.env is None and trainer.num_envs == 3
+        trainer.train(60)
+        steps = trainer.global_step
+        assert 60 <= steps < 63
+        # Half an update per env step from learning_starts on, all run by the end.
+        assert trainer.updates == int((steps - 8 + 1) * 0.5)
+        assert trainer.buffer.online_size == steps
+        batch = trainer.buffer.sample(256, np.random.default_rng(0))
+        # FixedLatencyEnv's state[7] is t / 5: every transition ends one step later, the episode's
+        # last one (truncated, so not terminated) in the real final observation t = 5.
+        progress = batch.next_obs["state"][:, 7] - batch.obs["state"][:, 7]
+        torch.testing.assert_close(progress, torch.full_like(progress, 0.2))
+        assert (batch.terminated == 0).all() and (batch.next_obs["state"][:, 7] == 1.0).any()
+        assert len(trainer.episode_returns) >= 3 * (steps // 3 // 5) - 3
+        assert set(trainer.episode_completion) == {1.0}
+    finally:
+        trainer.close()
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+def _pendulum(**kw):
+    env = gym.make("Pendulum-v1")
+    torch.manual_seed(0)
+    return SACTrainer(MLPActor.for_env(env, hidden_dim=16), env,
+                      SACConfig(batch_size=8, learning_starts=10, q_hidden_dim=16, **kw), seed=0)
+
+
+def test_checkpoints_resume_with_the_buffer_or_refill_it_first(tmp_path):
+    from stages.rl.checkpoint import TrainingCheckpoint
+
+    # Small buffer: saved with the checkpoint, so the resumed run updates on every step.
+    first = _pendulum()
+    first.train(60, save_dir=tmp_path / "with", checkpoint_every_steps=25)
+    saved = TrainingCheckpoint(tmp_path / "with").load()
+    assert saved["global_step"] == 60 and saved["updates"] == 51 and "buffer" in saved
+    assert "actions" in saved["rng"] and "torch" in saved["rng"]
+    resumed = _pendulum()
+    resumed.train(100, save_dir=tmp_path / "with")
+    assert resumed.updates == 100 - 10 + 1
+    assert resumed.buffer.online_size == 100
+
+    # Over the size limit: left out; the resumed run refills batch_size steps before updating.
+    first = _pendulum()
+    first.train(60, save_dir=tmp_path / "without", checkpoint_buffer_bytes=0)
+    assert "buffer" not in TrainingCheckpoint(tmp_path / "without").load()
+    resumed = _pendulum()
+    resumed.train(100, save_dir=tmp_path / "without")
+    assert resumed.buffer.online_size == 40
+    assert resumed.updates == 51 + (100 - (60 + 8) + 1)
+
+
+def test_callback_stop_writes_the_checkpoint_and_scalars(tmp_path):
+    from stages.rl.checkpoint import TrainingCheckpoint
+    from stages.rl.scalars import read_scalars
+
+    trainer = _pendulum()
+    trainer.log_interval = 20
+    seen = []
+    trainer.train(1000, save_dir=tmp_path, checkpoint_every_steps=1000,
+                  callback=lambda stats: seen.append(stats["global_step"]) or len(seen) < 2)
+    assert seen == [20.0, 40.0] and trainer.global_step == 40
+    assert TrainingCheckpoint(tmp_path).load()["global_step"] == 40
+    assert [step for step, _ in read_scalars(tmp_path / "scalars.jsonl")["sac/global_step"]] == [20, 40]
