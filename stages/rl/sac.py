@@ -31,15 +31,26 @@ What the replay buffer stores (chosen from the settings; the updates compute the
   never change: the buffer stores them (``hidden_dim`` floats) and an update runs the heads only;
 - ``freeze_encoders``: the vision and text encoders' outputs never change: the buffer stores them
   (`stages.rl.policies.EncodedDrivingAdapter`) and an update runs the state encoder, the fusion
-  and the heads, when they take no more memory than the image (the tiny model at 64 px: 4.3 KB
-  against 12 KB; a ViT-B at 224 px would need 600 KB, so there the image is kept);
+  and the heads, when they take no more memory than the image (the tiny model at 64 px: 4.4 KB
+  against 12 KB; ViT-B at 224 px: 154 KB against 151 KB, so there the image is kept);
 - otherwise the raw observation (uint8 image, state, command tokens).
 
-Loop. While the envs step (``step_async``, e.g. gymnasium's ``AsyncVectorEnv`` with one process
-per env), the learner runs the gradient updates that step is owed, then collects the step
-(``step_wait``): a slow simulator and the updates overlap instead of taking turns. The updates of
-step t therefore sample what steps 1 … t-1 stored, one step behind a loop that steps first.
-``utd_ratio`` is unchanged: gradient updates per env step, summed over envs.
+Features are computed once, in eval mode (dropout, if the model has any, is not applied to them).
+
+Loop. ``utd_ratio`` is gradient updates per env step (summed over envs), whichever loop runs:
+
+- a vector env: while its envs step (``step_async``, e.g. gymnasium's ``AsyncVectorEnv``, one
+  process per env), the learner runs the updates that step is owed, then collects the step
+  (``step_wait``): a slow simulator and the updates overlap instead of taking turns. The updates
+  of step t sample what steps 1 … t-1 stored. Deterministic for a given seed. Every step still
+  waits for the slowest env, and the policy's forward pass for all of them sits between two
+  steps (the tiny model at N = 8: ~4 ms of a 44 ms step);
+- env constructors (an `EnvPool`): each env gets its next action as soon as its own step is back
+  (a forward pass for the envs that are back), and the updates run in a learner thread
+  (`_Learner`) while the main thread acts; the learner may fall at most ``2 × num_envs ×
+  utd_ratio`` updates behind, else acting waits for it. Which transitions an update samples
+  depends on timing, so runs are not bit-for-bit repeatable. The benchmark
+  (``benchmarks/parallel_envs.py --algo sac``) compares the loops.
 
 Checkpoints. With a ``save_dir``, ``train`` writes ``checkpoint.pt`` every
 ``checkpoint_every_steps`` env steps and at the end (model, critics, targets, optimisers, α,
@@ -324,16 +335,16 @@ class SACTrainer:
     def __init__(self, model: torch.nn.Module, env: Any, config: SACConfig | None = None,
                  device: str | torch.device = "cpu", seed: int = 0, offline_data: Any = None,
                  dist: Distributed | None = None):
-        cfg = self.config = config or SACConfig()
+        self.config = config or SACConfig()
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.dist = dist or Distributed()
         self.world_size = self.dist.world_size
         self._pool: EnvPool | None = None
         self._owns_env = False
+        self.env: Any = None
         if _is_env_fns(env) and not self.dist.enabled:
             self._pool = EnvPool(list(env))
-            self.env: Any = None
             self.num_envs = self._pool.num_envs
             obs_space, act_space = self._pool.single_observation_space, self._pool.single_action_space
         else:
@@ -343,6 +354,15 @@ class SACTrainer:
             self.env = as_vector_env(env)
             self.num_envs = self.env.num_envs
             obs_space, act_space = self.env.single_observation_space, self.env.single_action_space
+        self.seed = seed
+        try:
+            self._build(obs_space, act_space, offline_data)
+        except BaseException:
+            self.close()  # the env processes started here
+            raise
+
+    def _build(self, obs_space: gym.Space, act_space: gym.Space, offline_data: Any) -> None:
+        cfg, model = self.config, self.model
         if not isinstance(act_space, gym.spaces.Box):
             raise ValueError(f"SAC needs a continuous (Box) action space, got {act_space}")
         self.action_low = act_space.low.astype(np.float32)
@@ -379,8 +399,7 @@ class SACTrainer:
         # log p(a) - log p(a scaled to [-1, 1]) = -sum(log half_range): added back to every log-prob.
         self._log_scale = float(np.log((self.action_high - self.action_low) / 2).sum())
 
-        self.seed = seed
-        self.rank_seed = seed + 1000 * self.dist.rank  # each rank's envs and minibatches of its own
+        self.rank_seed = self.seed + 1000 * self.dist.rank  # each rank's envs and minibatches of its own
         self.rng = np.random.default_rng(self.rank_seed)  # minibatches
         self.action_rng = np.random.default_rng([self.rank_seed, 1])  # random warm-up actions
         if self.dist.enabled:
@@ -719,8 +738,12 @@ class SACTrainer:
             raise ValueError(f"checkpoint_every_steps must be >= 1, got {checkpoint_every_steps}")
         ckpt = TrainingCheckpoint(save_dir, key=checkpoint_key) if save_dir is not None else None
         if ckpt is not None and resume and (state := ckpt.load()) is not None:
-            self.load_state_dict(state)
-            log.info("sac: resumed at step %d (update %d) from %s", self.global_step, self.updates, ckpt.path)
+            if (misfit := self._misfit(state)) is not None:
+                # Every rank reads the same file, so every rank decides alike.
+                log.warning("sac: %s does not fit this trainer (%s); starting afresh", ckpt.path, misfit)
+            else:
+                self.load_state_dict(state)
+                log.info("sac: resumed at step %d (update %d) from %s", self.global_step, self.updates, ckpt.path)
         writer = ScalarWriter(save_dir) if save_dir is not None and main else None
         start, start_step = time.perf_counter(), self.global_step
         bar = tqdm(total=total_timesteps, initial=min(self.global_step, total_timesteps), desc="sac", unit="step",
@@ -865,6 +888,20 @@ class SACTrainer:
         the replay buffer's online part when ``include_buffer`` (it can be large: ``buffer_size``
         observations). Under data parallelism this is this rank's view (`train` gathers all ranks')."""
         return {**self._shared_state(), **self._local_state(include_buffer)}
+
+    def _misfit(self, state: dict[str, Any]) -> str | None:
+        """Why ``state`` cannot be resumed here (another algorithm's checkpoint in the same
+        directory, other settings), or None. Checked before loading, which would change weights
+        part way through."""
+        if not all(k in state for k in ("model", "critic", "critic_target", "global_step")):
+            return "not a SAC checkpoint"
+        if state.get("storage", self.storage) != self.storage:
+            return f"its replay buffer holds {state['storage']}, this trainer's {self.storage}"
+        for name, module in (("model", self.model), ("critic", self.critic)):
+            mine = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+            if {k: tuple(v.shape) for k, v in state[name].items()} != mine:
+                return f"its {name} has other parameters or shapes"
+        return None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` or a checkpoint; the envs start fresh episodes."""

@@ -306,3 +306,20 @@ def test_callback_stop_writes_the_checkpoint_and_scalars(tmp_path):
     assert seen == [20.0, 40.0] and trainer.global_step == 40
     assert TrainingCheckpoint(tmp_path).load()["global_step"] == 40
     assert [step for step, _ in read_scalars(tmp_path / "scalars.jsonl")["sac/global_step"]] == [20, 40]
+
+
+def test_a_checkpoint_of_other_settings_or_of_ppo_is_not_resumed(tmp_path, caplog):
+    import logging
+
+    from stages.rl.checkpoint import TrainingCheckpoint
+
+    TrainingCheckpoint(tmp_path).save({"model": {}, "optimizer": {}, "global_step": 64, "updates": 2})  # PPO's
+    trainer = _pendulum()
+    with caplog.at_level(logging.WARNING, logger="stages.rl.sac"):
+        trainer.train(20, save_dir=tmp_path)
+    assert "not a SAC checkpoint" in caplog.text and trainer.global_step == 20
+    wider = SACTrainer(MLPActor.for_env(gym.make("Pendulum-v1"), hidden_dim=32), gym.make("Pendulum-v1"),
+                       SACConfig(batch_size=8, learning_starts=10, q_hidden_dim=16), seed=0)
+    with caplog.at_level(logging.WARNING, logger="stages.rl.sac"):
+        wider.train(30, save_dir=tmp_path)
+    assert "its model has other parameters" in caplog.text and wider.global_step == 30
