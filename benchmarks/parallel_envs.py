@@ -1,4 +1,4 @@
-"""PPO throughput with N parallel simulators whose step takes a fixed time (CARLA at 25 FPS: 40 ms).
+"""PPO and SAC throughput with N parallel simulators whose step takes a fixed time (CARLA at 25 FPS: 40 ms).
 
     python -m benchmarks.parallel_envs                      # frozen encoders N = 1, 2, 4, 8; full N = 2, 8
     python -m benchmarks.parallel_envs --envs 8 --train full --updates 2
@@ -17,6 +17,21 @@ picks what the update trains: ``frozen`` (freeze_encoders: the rollout stores th
 the update runs fusion + heads) or ``full`` (every parameter, the ViT included). Prints a table and
 writes benchmarks/results/parallel_envs.json. A full run takes about 5 minutes: N = 1 alone needs
 2048 / 25 = 82 s to fill its first rollout; ``--train frozen`` alone about 3.5.
+
+SAC (``--algo sac``; the same target, "SAC likewise"): `stages.rl.sac.SACTrainer` on the same envs
+and model. Per N and setting (``--sac-settings``, the SAC settings in ``SAC_SETTINGS``) the trainer
+first takes ``learning_starts`` random-action steps (``warmup_seconds``, no updates), then the
+clock runs over ``--seconds`` worth of steps at the limit, every one of them owing updates
+(``utd_ratio`` per env step): the rate is those steps over that wall-clock time, inference, replay
+and updates included. ``--loop`` picks how the trainer steps the envs: ``pool`` (the env
+constructors: each env at its own pace, the updates in a learner thread), ``vector`` (a gymnasium
+``AsyncVectorEnv``, one process per env for N = 1 too: the updates run between ``step_async``
+and ``step_wait``) or ``sync`` (the same vector env, its ``step_async`` hidden: update, then step).
+Writes benchmarks/results/parallel_envs_sac.json (``--append`` keeps the rows of other runs); about
+3 minutes per setting and loop.
+
+    python -m benchmarks.parallel_envs --algo sac
+    python -m benchmarks.parallel_envs --algo sac --threads 1 --loop vector --sac-settings heads_b256_utd025 --append
 """
 from __future__ import annotations
 
@@ -31,14 +46,33 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import torch
 
 from models import DrivingVLA, DrivingVLAConfig
 from stages.envs.testing import FixedLatencyEnv
-from stages.rl.configs import PPOConfig
+from stages.rl.configs import PPOConfig, SACConfig
 from stages.rl.ppo import PPOTrainer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "parallel_envs.json"
+SAC_RESULTS = Path(__file__).resolve().parent / "results" / "parallel_envs_sac.json"
+# SAC settings for the tiny model on a CPU: frozen vision and text encoders (as PPO's "frozen"),
+# SB3's batch of 256. "heads": the trunk does not train either (the replay buffer holds the fused
+# features; an update runs the Q heads and the policy head). "fusion": the critic's TD loss trains
+# the state encoder and the fusion transformer too (the buffer holds the encoders' outputs).
+SAC_SETTINGS: dict[str, dict[str, Any]] = {
+    "heads_b256_utd025": dict(freeze_encoders=True, train_trunk=False, batch_size=256, utd_ratio=0.25),
+    "heads_b256_utd05": dict(freeze_encoders=True, train_trunk=False, batch_size=256, utd_ratio=0.5),
+    "heads_b256_utd1": dict(freeze_encoders=True, train_trunk=False, batch_size=256, utd_ratio=1.0),
+    "fusion_b256_utd025": dict(freeze_encoders=True, train_trunk=True, batch_size=256, utd_ratio=0.25),
+    "fusion_b64_utd025": dict(freeze_encoders=True, train_trunk=True, batch_size=64, utd_ratio=0.25),
+}
+SAC_LOOPS = {
+    "pool": "env constructors: each env in its own process at its own pace; updates in a learner thread",
+    "vector": "AsyncVectorEnv: updates between step_async and step_wait",
+    "sync": "the same vector env without step_async: update, then step",
+}
+SAC_COMMON = dict(learning_rate=3e-4, gamma=0.99, tau=0.005, buffer_size=50_000, learning_starts=256)
 
 
 def measure(num_envs: int, train: str, updates: int, step_ms: float, image_size: int, seed: int = 0) -> dict[str, Any]:
@@ -75,6 +109,112 @@ def measure(num_envs: int, train: str, updates: int, step_ms: float, image_size:
             "meets_90_percent": rate >= 0.9 * limit}
 
 
+def measure_sac(num_envs: int, setting: str, seconds: float, step_ms: float, image_size: int, loop: str = "pool",
+                seed: int = 0) -> dict[str, Any]:
+    """``loop``: ``pool`` (env constructors: each env at its own pace, updates in a learner thread),
+    ``vector`` (an AsyncVectorEnv: updates while the envs step, between step_async and step_wait)
+    or ``sync`` (the same vector env without step_async: update, then step)."""
+    from stages.rl.sac import SACTrainer
+
+    torch.manual_seed(seed)
+    model = DrivingVLA(DrivingVLAConfig.from_size("tiny", image_size=image_size))
+    fns = [functools.partial(FixedLatencyEnv, step_seconds=step_ms / 1000, image_size=image_size)
+           for _ in range(num_envs)]
+    t_start = time.perf_counter()
+    env: Any = fns
+    if loop != "pool":
+        # One process per env, N = 1 included: the env must step outside the learner's process to overlap.
+        env = gym.vector.AsyncVectorEnv(fns, shared_memory=False, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        if loop == "sync":
+            env = gym.vector.VectorWrapper(env)  # hides step_async: update, then step
+    cfg = SACConfig(**{**SAC_COMMON, **SAC_SETTINGS[setting], "num_envs": num_envs})
+    limit = num_envs * 1000.0 / step_ms
+    trainer = None
+    try:
+        trainer = SACTrainer(model, env, cfg, seed=seed)
+        trainer.log_interval = 10**9  # no progress callbacks inside the measured window
+        update_time = [0.0]
+        update = trainer.update
+
+        def timed_update(batch: Any = None) -> dict[str, float]:
+            t = time.perf_counter()
+            out = update(batch)
+            update_time[0] += time.perf_counter() - t
+            return out
+
+        trainer.update = timed_update  # type: ignore[method-assign]
+        t_warm = time.perf_counter()
+        trainer.train(cfg.learning_starts)  # random actions, no updates owed (but by the last step)
+        warm = time.perf_counter() - t_warm
+        steps = max(num_envs, int(round(seconds * limit / num_envs)) * num_envs)
+        step0, updates0 = trainer.global_step, trainer.updates
+        update_time[0] = 0.0
+        load_before = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        trainer.train(step0 + steps)
+        elapsed = time.perf_counter() - t0
+        taken, updates = trainer.global_step - step0, trainer.updates - updates0
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if loop != "pool":
+            env.close()
+    rate = taken / elapsed
+    return {"num_envs": num_envs, "setting": setting, "loop": loop, "storage": trainer.storage,
+            "utd_ratio": cfg.utd_ratio, "batch_size": cfg.batch_size, "limit_steps_per_s": limit,
+            "env_steps": taken, "seconds": round(elapsed, 2), "steps_per_s": round(rate, 2),
+            "fraction_of_limit": round(rate / limit, 4), "updates": updates,
+            "update_ms": round(1000 * update_time[0] / max(updates, 1), 2),
+            "update_share_of_time": round(update_time[0] / elapsed, 3),
+            "warmup_seconds": round(warm, 2), "startup_seconds": round(t_warm - t_start, 2),
+            "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "torch_threads": 1 if loop == "pool" else torch.get_num_threads(),
+            "meets_90_percent": rate >= 0.9 * limit}
+
+
+def format_sac_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| setting | loop | N | limit N×25 (steps/s) | measured (steps/s) | % of limit | update (ms) | "
+             "updates' share of time | load (1 min) | ≥ 90% |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['loop']} | {r['num_envs']} | "
+                     f"{r['limit_steps_per_s']:.0f} | {r['steps_per_s']:.1f} | {100 * r['fraction_of_limit']:.1f}% | "
+                     f"{r['update_ms']:.1f} | {100 * r['update_share_of_time']:.0f}% | "
+                     f"{r['load_average_1min'][0]:.1f}→{r['load_average_1min'][1]:.1f} | "
+                     f"{'yes' if r['meets_90_percent'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "load_average": list(os.getloadavg())}
+
+
+def main_sac(args: argparse.Namespace) -> int:
+    out = args.out if args.out is not None else SAC_RESULTS
+    previous = json.loads(out.read_text()) if args.append and out.is_file() else None
+    rows = list(previous["rows"]) if previous else []
+    for setting in args.sac_settings:
+        for n in args.envs:
+            row = measure_sac(n, setting, args.seconds, args.step_ms, args.image_size, loop=args.loop)
+            print(f"{setting} {row['loop']} N={n}: {row['steps_per_s']:.1f} steps/s = "
+                  f"{100 * row['fraction_of_limit']:.1f}% of {row['limit_steps_per_s']:.0f} "
+                  f"(update {row['update_ms']:.1f} ms, {100 * row['update_share_of_time']:.0f}% of the time)", flush=True)
+            rows = [r for r in rows if (r["setting"], r["loop"], r["num_envs"]) != (setting, row["loop"], n)]
+            rows.append(row)
+    print(format_sac_table(rows))
+    result = {"benchmark": "parallel_envs", "algo": "sac", "step_ms": args.step_ms, "image_size": args.image_size,
+              "model": "tiny", "seconds_per_measurement": args.seconds,
+              "sac": {"common": SAC_COMMON, "settings": SAC_SETTINGS}, "loops": SAC_LOOPS,
+              "machine": machine(), "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| train | N | limit N×25 (steps/s) | measured (steps/s) | % of limit | update (s) | fill 2048 (s) | ≥ 90% |",
              "|---|---|---|---|---|---|---|---|"]
@@ -96,11 +236,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-ms", type=float, default=40.0, help="env step time (40 ms = 25 FPS)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="learner torch threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"default: {RESULTS.name} (ppo) or {SAC_RESULTS.name} (sac)")
+    parser.add_argument("--algo", choices=["ppo", "sac"], default="ppo")
+    parser.add_argument("--sac-settings", nargs="+", choices=sorted(SAC_SETTINGS),
+                        default=["heads_b256_utd025", "heads_b256_utd05", "fusion_b256_utd025", "fusion_b64_utd025"])
+    parser.add_argument("--seconds", type=float, default=40.0,
+                        help="sac: measured steps = this many seconds at the limit N x 25 steps/s")
+    parser.add_argument("--loop", choices=["pool", "vector", "sync"], default="pool",
+                        help="sac: env constructors stepped each at its own pace with a learner thread (pool), "
+                             "an AsyncVectorEnv with updates between step_async and step_wait (vector), or "
+                             "update-then-step (sync)")
+    parser.add_argument("--append", action="store_true", help="sac: keep the other rows of the results file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.algo == "sac":
+        return main_sac(args)
+    args.out = args.out if args.out is not None else RESULTS
     modes = ["frozen", "full"] if args.train == "both" else [args.train]
     rows = []
     for mode in modes:
@@ -113,11 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     result = {"benchmark": "parallel_envs", "step_ms": args.step_ms, "image_size": args.image_size,
               "ppo": {"num_steps": 2048, "num_epochs": 10, "batch_size": 64}, "model": "tiny",
-              "machine": {"cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
-                          "processor": platform.processor() or platform.machine(),
-                          "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                          "load_average": list(os.getloadavg())},
-              "rows": rows}
+              "machine": machine(), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
