@@ -806,7 +806,10 @@ class SACTrainer:
                         for key, value in stats.items():
                             writer.add_scalar(f"sac/{key}", value, self.global_step)
                         writer.flush()
-                    stop = main and callback is not None and callback(stats) is False
+                    # The callback may read or drive the model (e.g. stages.rl.selection's keeper): the
+                    # learner thread holds still meanwhile.
+                    with learner.paused() if learner is not None else contextlib.nullcontext():
+                        stop = main and callback is not None and callback(stats) is False
                     if self.dist.enabled:  # every rank stops together (rank 0's callback decides)
                         stop = self.dist.sum({"stop": float(stop)})["stop"] > 0
                     if stop:
