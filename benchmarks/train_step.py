@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import time
@@ -224,7 +225,9 @@ def main() -> None:
             "threads": torch.get_num_threads(), "size": size, "parameters": sum(p.numel() for p in model.parameters()),
             "image_size": cfg.image_size, "compile": args.compile_step if args.compile_step is not None else cuda,
             "compile_mode": args.compile_mode or "default", "batch": batch,
-            "matmul": peak}
+            "matmul": peak, "cpus": os.cpu_count(),
+            # CPU timings on a shared machine mean little without the load they were taken under.
+            "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
     print(f"\nDrivingVLA-{size} on {meta['device']} (torch {meta['torch']}), matmul peak "
           f"{peak['flops_per_s'] / 1e9:,.0f} GFLOP/s ({peak['dtype']})")
     print(f"{'bench':<22}{'batch':>6}{'ms (p50)':>11}{'samples/s':>12}{'GFLOP/sample':>14}{'MFU':>8}")

@@ -119,16 +119,17 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
                 RUN_DIR, every=o.validate_every, key=key)
         if o.algo == "sac":
             from stages.rl.sac import SACTrainer
-            from stages.rl.vector import vector_env_from_fns
 
-            env = vector_env_from_fns(env_fns(cfg.env, o.sac.num_envs, seed=train_seed))
+            # Constructors, not a built vector env: each env then steps in its own process and gets its
+            # next action as soon as its own step returns, while a learner thread updates.
+            trainer = SACTrainer(model, env_fns(cfg.env, o.sac.num_envs, seed=train_seed), o.sac, device=device,
+                                 seed=cfg.seed, **sac_kwargs)
             try:
-                trainer = SACTrainer(model, env, o.sac, device=device, seed=cfg.seed, **sac_kwargs)
                 if keeper is not None:
                     keeper.start()
-                train_stats = trainer.train(o.total_timesteps, save_dir=RUN_DIR, callback=keeper)
+                train_stats = trainer.train(o.total_timesteps, save_dir=RUN_DIR, callback=keeper, checkpoint_key=key)
             finally:
-                env.close()
+                trainer.close()
         else:
             from stages.rl.ppo import PPOTrainer
 
