@@ -46,7 +46,7 @@ import torch.multiprocessing as mp
 from multiprocessing.connection import Connection, wait
 
 from stages.rl.buffers import RolloutBuffer
-from stages.rl.env_worker import env_worker
+from stages.rl.env_worker import close_workers, env_worker
 from stages.rl.policies import ObsAdapter
 
 log = logging.getLogger(__name__)
@@ -252,18 +252,7 @@ class AsyncCollector:
         self.observation_space, self.action_space = spaces[0]
 
     def _close_workers(self) -> None:
-        for conn in self._conns:
-            try:
-                conn.send(("close", None))
-            except (OSError, BrokenPipeError):
-                pass
-        for proc in self._workers:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=1)
-        for conn in self._conns:
-            conn.close()
+        close_workers(self._conns, self._workers)
         self._conns, self._workers = [], []
 
     # -- collecting -----------------------------------------------------------------------------

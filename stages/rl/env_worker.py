@@ -52,3 +52,19 @@ def env_worker(conn: Connection, env_fn: Callable[[], Any]) -> None:
                 break
     finally:
         env.close()
+
+
+def close_workers(conns: list[Connection], procs: list[Any]) -> None:
+    """Ask every `env_worker` to close its env, then reap the processes (terminating a stuck one)."""
+    for conn in conns:
+        try:
+            conn.send(("close", None))
+        except (OSError, BrokenPipeError):
+            pass
+    for proc in procs:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=1)
+    for conn in conns:
+        conn.close()

@@ -91,7 +91,7 @@ from tqdm.auto import tqdm
 from models.q_heads import TwinQHead
 from stages.accel import Distributed
 from stages.rl.checkpoint import TrainingCheckpoint, capture_rng, restore_rng
-from stages.rl.env_worker import env_worker
+from stages.rl.env_worker import close_workers, env_worker
 from stages.rl.configs import SACConfig
 from stages.rl.policies import BoxObsAdapter, EncodedDrivingAdapter, ObsAdapter, make_obs_adapter
 from stages.rl.replay import SHARED_FIELDS, ReplayBatch, ReplayBuffer
@@ -222,18 +222,7 @@ class EnvPool:
         return self._recv(i)
 
     def close(self) -> None:
-        for conn in self._conns:
-            try:
-                conn.send(("close", None))
-            except (OSError, BrokenPipeError):
-                pass
-        for proc in self._procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=1)
-        for conn in self._conns:
-            conn.close()
+        close_workers(self._conns, self._procs)
         self._conns, self._procs, self.in_flight = [], [], set()
 
 
