@@ -75,8 +75,6 @@ class SACConfig(_Strict):
     num_envs: int = Field(1, ge=1)
     offline_ratio: float = Field(0.0, ge=0, le=1, description="share of each batch drawn from offline data")
     freeze_encoders: bool = False
-    compile: bool | None = Field(None, description="torch.compile the critic and actor losses; None: on for "
-                                                   "CUDA, off on CPU")
     target_entropy: float | None = Field(None, description="entropy alpha is tuned toward, measured with the "
                                          "actions scaled to [-1, 1]; None = -action_dim (SB3's choice)")
     random_warmup: bool = Field(True, description="uniform random actions before learning_starts (SB3); "
