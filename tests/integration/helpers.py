@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,10 @@ def make_project_repo(dest: Path, params: dict | None = None) -> Path:
     sh(["git", "add", "-A"], dest)
     sh(["git", "commit", "-q", "-m", "project"], dest)
     return dest
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a torchrun rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

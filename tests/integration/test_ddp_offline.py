@@ -2,7 +2,6 @@
 with the same global batch, also in micro-batches, and only rank 0 writes the checkpoint and metrics."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +9,9 @@ from pathlib import Path
 import pytest
 
 from stages.config import build_config
+from tests.integration.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

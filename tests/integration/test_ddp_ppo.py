@@ -9,12 +9,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from tests.integration.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_STEPS, NUM_EPOCHS = 64, 8  # per rank
@@ -22,12 +22,6 @@ NUM_STEPS, NUM_EPOCHS = 64, 8  # per rank
 # shared policy's change on its own rollout): decided alone, one rank would stop while the other
 # waits in the next gradient all-reduce.
 TARGET_KL, UPDATES = 0.01, 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -214,7 +208,6 @@ def test_online_stage_under_torchrun_writes_its_outputs_once(tmp_path):
     assert facts["world_size"] == 2
     # Both ranks returned rank 0's metrics (the stage prints them once per rank).
     assert proc.stdout.count('"route_completion_gain"') == 2
-
 
 
 def test_online_sac_under_torchrun_trains_data_parallel_or_says_it_cannot(tmp_path):

@@ -12,18 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from stages.config import build_config
+from tests.integration.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 # Odd: the two ranks' shares differ in size (7 and 8), and so do the micro-batches.
 BATCH = 15
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ resumes from it on both ranks.
 
 The ranks run this file as a script (``torchrun ... test_ddp_sac.py OUT_DIR TOTAL``)."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -53,16 +52,12 @@ def run(out_dir: str, total: int) -> None:
                    out / f"rank{dist.rank}-{total}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(out: Path, total: int) -> str:
+    from tests.integration.helpers import free_port  # here: the ranks run this file as a script
+
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), __file__, str(out), str(total)]
+           "--master-port", str(free_port()), __file__, str(out), str(total)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
