@@ -149,6 +149,12 @@ def _collect(conns, shared_model, adapter, buffers, free_q, full_q, version, loc
         actions = action.float().numpy()
         log_probs, values = log_prob.float().numpy(), value.float().numpy()
         boot_value = dict(zip(boot, values[len(ready):]))
+        # Count the steps closed below before any rollout they complete is handed to the learner,
+        # so steps_taken never lags a rollout the learner already holds.
+        closed = sum(1 for i in ready if i in results)
+        if closed:
+            with steps.get_lock():
+                steps.value += closed
 
         for j, i in enumerate(ready):
             if i in results:  # close the step env i just took
@@ -189,10 +195,6 @@ def _collect(conns, shared_model, adapter, buffers, free_q, full_q, version, loc
             conns[i].send(("step", actions[j]))
         if first_step.value == 0.0:
             first_step.value = time.monotonic()
-        closed = sum(1 for i in ready if i in results)
-        if closed:
-            with steps.get_lock():
-                steps.value += closed
 
         ready, results = [], {}
         while not ready:
