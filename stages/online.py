@@ -42,13 +42,15 @@ VAL_SEED_OFFSET = 500_000
 RUN_DIR = Path("runs") / "online"
 
 
-def evaluate(model: Any, env: Any, episodes: int, seed: int, device: str) -> dict[str, float]:
+def evaluate(model: Any, env: Any, episodes: int, seed: int, device: str) -> dict[str, Any]:
     """Deterministic episodes on seeds ``seed, seed + 1, …``: means and standard errors."""
     from stages.rl.evaluation import rollout_policy, torch_threads
 
     with torch_threads(1 if str(device).startswith("cpu") else None):
         runs = [rollout_policy(model, env, seed + i, True, device) for i in range(episodes)]
-    out: dict[str, float] = {"episodes": float(episodes)}
+    out: dict[str, Any] = {"episodes": float(episodes),
+                           # Per episode, so a before/after comparison on the same seeds can be paired.
+                           "route_completion_per_episode": [float(r["route_completion"]) for r in runs]}
     for key, values in (("route_completion", [r["route_completion"] for r in runs]),
                         ("episode_return", [r["return"] for r in runs]),
                         ("collision_rate", [float(r["collision"]) for r in runs]),
@@ -57,6 +59,26 @@ def evaluate(model: Any, env: Any, episodes: int, seed: int, device: str) -> dic
         arr = np.asarray(values, dtype=np.float64)
         out[key] = float(arr.mean())
         out[f"{key}_stderr"] = float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else 0.0
+    return out
+
+
+_NOT_SCALARS = ("episodes", "route_completion_per_episode")
+
+
+def paired_gain(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """The route-completion gain and, where both sides drove the same seeds, its paired standard error.
+
+    Before and after drive the same held-out seeds, so a seed's difficulty cancels in the per-seed
+    difference: its standard error is far smaller than either side's, and it is the one that says
+    whether fine-tuning helped.
+    """
+    out = {"route_completion_gain": float(after["route_completion"] - before["route_completion"])}
+    a, b = after.get("route_completion_per_episode"), before.get("route_completion_per_episode")
+    if a is not None and b is not None and len(a) == len(b) > 1:
+        diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+        out["route_completion_gain_stderr"] = float(diff.std(ddof=1) / math.sqrt(len(diff)))
+        out["episodes_improved"] = int((diff > 1e-9).sum())
+        out["episodes_worsened"] = int((diff < -1e-9).sum())
     return out
 
 
@@ -106,7 +128,7 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
             else:
                 before = evaluate(model, eval_env, o.eval_episodes, eval_seed, device)
                 write_json(RUN_DIR / "before.json", {"key": key, "metrics": before})
-            log.info("online: before fine-tuning %s", before)
+            log.info("online: before fine-tuning %s", {k: v for k, v in before.items() if k not in _NOT_SCALARS})
         dist.barrier()  # the other ranks wait for rank 0's evaluation
 
         keeper = None
@@ -148,7 +170,7 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
 
         if dist.is_main:
             after = evaluate(model, eval_env, o.eval_episodes, eval_seed, device)
-            log.info("online: after fine-tuning %s", after)
+            log.info("online: after fine-tuning %s", {k: v for k, v in after.items() if k not in _NOT_SCALARS})
     finally:
         if eval_env is not None:
             eval_env.close()
@@ -157,9 +179,9 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
         dist.barrier()  # wait until rank 0 has written the checkpoint and the metrics
         return {"paths": {"checkpoint": o.out}, "metrics": _from_rank0(dist, None)}
     metrics = {
-        **{f"before_{k}": v for k, v in before.items() if k != "episodes"},
-        **{f"after_{k}": v for k, v in after.items() if k != "episodes"},
-        "route_completion_gain": after["route_completion"] - before["route_completion"],
+        **{f"before_{k}": v for k, v in before.items() if k not in _NOT_SCALARS},
+        **{f"after_{k}": v for k, v in after.items() if k not in _NOT_SCALARS},
+        **paired_gain(before, after),
         "eval_episodes": o.eval_episodes,
         **({"selected_step": selection["best_step"], "selected_val_route_completion": selection["best_score"]}
            if selection is not None else {}),

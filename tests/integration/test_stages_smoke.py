@@ -69,6 +69,11 @@ def test_online(cfg, workdir):
     assert m["timesteps"] >= cfg.online.total_timesteps
     assert 0.0 <= m["after_route_completion"] <= 1.0
     assert (workdir / "checkpoints/online/model.safetensors").exists()
+    # Before and after drive the same seeds: the gain comes with its paired error and episode counts.
+    assert m["route_completion_gain"] == pytest.approx(m["after_route_completion"] - m["before_route_completion"])
+    assert m["route_completion_gain_stderr"] >= 0.0
+    assert m["episodes_improved"] + m["episodes_worsened"] <= cfg.online.eval_episodes
+    assert "before_route_completion_per_episode" not in m
 
 
 def test_export(cfg, workdir):
