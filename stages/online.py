@@ -146,23 +146,17 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
             # next action as soon as its own step returns, while a learner thread updates.
             trainer = SACTrainer(model, env_fns(cfg.env, o.sac.num_envs, seed=train_seed), o.sac, device=device,
                                  seed=cfg.seed, **sac_kwargs)
-            try:
-                if keeper is not None:
-                    keeper.start()
-                train_stats = trainer.train(o.total_timesteps, save_dir=RUN_DIR, callback=keeper, checkpoint_key=key)
-            finally:
-                trainer.close()
         else:
             from stages.rl.ppo import PPOTrainer
 
             trainer = PPOTrainer(model, env_fns(cfg.env, o.ppo.num_envs, seed=train_seed), o.ppo, device=device,
                                  seed=cfg.seed, dist=dist)
-            try:
-                if keeper is not None:
-                    keeper.start()
-                train_stats = trainer.train(o.total_timesteps, save_dir=RUN_DIR, checkpoint_key=key, callback=keeper)
-            finally:
-                trainer.close()
+        try:
+            if keeper is not None:
+                keeper.start()
+            train_stats = trainer.train(o.total_timesteps, save_dir=RUN_DIR, checkpoint_key=key, callback=keeper)
+        finally:
+            trainer.close()
         selection = keeper.restore() if keeper is not None else None
         if selection is not None:
             log.info("online: keeping the weights of step %d (validation route completion %.3f)",
