@@ -12,16 +12,18 @@ the version probe is injected by the caller (the CARLA bridge owns the client).
 """
 from infra.carla.config import PORTS_PER_SERVER, CarlaServerConfig
 from infra.carla.manager import (
-    ENV_VAR, CarlaEndpoint, CarlaServerError, CarlaServerManager, CarlaServerNotReady, DockerUnavailable,
-    ImageUnavailable, LogFollower, ServerEvent, VersionProbe, connect_docker, container_spec, endpoints_from_env,
-    endpoints_to_env, managed_containers, reap_orphans)
+    ENV_VAR, FILE_ENV_VAR, CarlaEndpoint, CarlaServerError, CarlaServerManager, CarlaServerNotReady,
+    DockerUnavailable, ImageUnavailable, LogFollower, ServerEvent, VersionProbe, connect_docker, container_spec,
+    current_endpoints, endpoints_from_env, endpoints_from_file, endpoints_to_env, managed_containers, reap_orphans,
+    write_endpoints_file)
 from infra.carla.ports import NoFreePorts, ServerPorts, allocate_ports, port_is_free, release_ports
 from infra.carla.supervisor import ServerSupervisor, carla_servers
 
 __all__ = [
-    "ENV_VAR", "PORTS_PER_SERVER", "CarlaEndpoint", "CarlaServerConfig", "CarlaServerError", "CarlaServerManager",
-    "CarlaServerNotReady", "DockerUnavailable", "ImageUnavailable", "LogFollower", "NoFreePorts", "ServerEvent",
-    "ServerPorts", "ServerSupervisor", "VersionProbe", "allocate_ports", "carla_servers", "connect_docker",
-    "container_spec", "endpoints_from_env", "endpoints_to_env", "managed_containers", "port_is_free",
-    "reap_orphans", "release_ports",
+    "ENV_VAR", "FILE_ENV_VAR", "PORTS_PER_SERVER", "CarlaEndpoint", "CarlaServerConfig", "CarlaServerError",
+    "CarlaServerManager", "CarlaServerNotReady", "DockerUnavailable", "ImageUnavailable", "LogFollower",
+    "NoFreePorts", "ServerEvent", "ServerPorts", "ServerSupervisor", "VersionProbe", "allocate_ports",
+    "carla_servers", "connect_docker", "container_spec", "current_endpoints", "endpoints_from_env",
+    "endpoints_from_file", "endpoints_to_env", "managed_containers", "port_is_free", "reap_orphans",
+    "release_ports", "write_endpoints_file",
 ]

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -48,8 +49,11 @@ LABEL_GPU = "drivevla.gpu"
 LABEL_FLOW_RUN_ID = "drivevla.flow_run_id"
 LABEL_FLOW_RUN_NAME = "drivevla.flow_run_name"
 LOG_TAIL = 60
-# How a process started inside the resource (e.g. `dvc repro` → `python -m stages.online`) finds the servers.
+# How a process started inside the resource (e.g. `dvc repro` → `python -m stages.online`) finds the servers:
+# ENV_VAR holds the endpoints as they were when the process started; FILE_ENV_VAR names a JSON file the
+# resource rewrites whenever a server restarts, so a process can follow a server that moved.
 ENV_VAR = "DRIVEVLA_CARLA_SERVERS"
+FILE_ENV_VAR = "DRIVEVLA_CARLA_SERVERS_FILE"
 
 
 class CarlaServerError(RuntimeError):
@@ -139,15 +143,61 @@ def endpoints_to_env(endpoints: Sequence[CarlaEndpoint]) -> str:
     return json.dumps([e.to_dict() for e in endpoints])
 
 
+def _parse_endpoints(text: str, source: str) -> list[CarlaEndpoint]:
+    try:
+        items = json.loads(text)
+        if not isinstance(items, list):
+            raise TypeError(f"a JSON {type(items).__name__}, not a list")
+        return [CarlaEndpoint.from_dict(item) for item in items]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CarlaServerError(f"{source} is not a JSON list of endpoints ({exc}): {text[:200]!r}") from None
+
+
 def endpoints_from_env(environ: Mapping[str, str] | None = None) -> list[CarlaEndpoint]:
     """The endpoints a parent process published in ``DRIVEVLA_CARLA_SERVERS`` ([] when unset)."""
     text = (os.environ if environ is None else environ).get(ENV_VAR, "")
     if not text.strip():
         return []
+    return _parse_endpoints(text, ENV_VAR)
+
+
+def write_endpoints_file(path: str | Path, endpoints: Sequence[CarlaEndpoint]) -> Path:
+    """Write ``endpoints`` to ``path`` as JSON (what ``DRIVEVLA_CARLA_SERVERS_FILE`` names).
+
+    Atomic: the text goes to a temporary file in the same directory, which then replaces ``path``
+    (`os.replace`), so a reader sees the old list or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        return [CarlaEndpoint.from_dict(item) for item in json.loads(text)]
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CarlaServerError(f"{ENV_VAR} is not a JSON list of endpoints ({exc}): {text[:200]!r}") from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(endpoints_to_env(endpoints))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def endpoints_from_file(path: str | Path) -> list[CarlaEndpoint]:
+    """The endpoints `write_endpoints_file` wrote to ``path`` (`FileNotFoundError` when it is gone)."""
+    return _parse_endpoints(Path(path).read_text(), str(path))
+
+
+def current_endpoints(environ: Mapping[str, str] | None = None) -> list[CarlaEndpoint] | None:
+    """The newest endpoint list a parent process published: the file named by
+    ``DRIVEVLA_CARLA_SERVERS_FILE`` when it is readable, else the ``DRIVEVLA_CARLA_SERVERS`` snapshot;
+    None when neither is set (no resource around this process)."""
+    environ = os.environ if environ is None else environ
+    path = environ.get(FILE_ENV_VAR, "").strip()
+    if path:
+        try:
+            return endpoints_from_file(path)
+        except FileNotFoundError:
+            # The resource removes the file as it exits; the snapshot is all that is left.
+            log.warning("carla: %s=%s does not exist; using the %s snapshot", FILE_ENV_VAR, path, ENV_VAR)
+    if not environ.get(ENV_VAR, "").strip():
+        return None
+    return endpoints_from_env(environ)
 
 
 @dataclass(frozen=True)
