@@ -12,7 +12,8 @@ Changed settings start afresh.
 Data parallel: ``torchrun --nproc-per-node N -m stages.online`` runs N ranks (one GPU each on CUDA,
 ``cuda:<local_rank>``). Every rank drives its own envs (seeds offset by rank) and collects its own
 rollouts; the gradients are averaged (`stages.rl.ppo`). Rank 0 alone evaluates, writes the run
-directory, the checkpoint and the metrics; the other ranks wait for it.
+directory, the checkpoint and the metrics; the other ranks wait for it. With CARLA every env has a
+server of its own (`stages.envs.slots`): ``num_envs * world_size + 1`` servers in all.
 """
 from __future__ import annotations
 
@@ -102,20 +103,25 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
 
 def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
     from stages.envs import make_env
-    from stages.envs.factory import env_fns
+    from stages.envs.factory import check_env_slots, env_fns
+    from stages.envs.slots import OnlineEnvSlots
     from stages.rl.ppo import rank_seed
 
     seed_everything(cfg.seed)  # the same on every rank: the model starts alike everywhere
     device = dist.device(resolve_device(cfg.device))
     o = cfg.online
     sac_kwargs = _sac_dist_kwargs(dist) if o.algo == "sac" else {}
+    # With CARLA one server per env: fail before loading anything when there are too few.
+    slots = OnlineEnvSlots.for_config(o, dist.world_size)
+    check_env_slots(cfg.env, slots.total, slots.describe())
+    first_slot = slots.first_train(dist.rank)
     model = load_or_init(cfg, upstream=o.init_from or cfg.offline.out).to(device)
     key = fingerprint(cfg.model, cfg.env, o, {"seed": cfg.seed, "upstream": _digest(Path(cfg.offline.out))})
     eval_seed = cfg.seed + EVAL_SEED_OFFSET
     # Each rank's envs start from seeds of their own (rank 0's are a one-process run's).
     train_seed = rank_seed(cfg.seed, dist)
 
-    eval_env = make_env(cfg.env, seed=eval_seed) if dist.is_main else None
+    eval_env = make_env(cfg.env, seed=eval_seed, slot=slots.eval) if dist.is_main else None
     t0 = time.perf_counter()
     before: dict[str, float] = {}
     after: dict[str, float] = {}
@@ -144,13 +150,13 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
 
             # Constructors, not a built vector env: each env then steps in its own process and gets its
             # next action as soon as its own step returns, while a learner thread updates.
-            trainer = SACTrainer(model, env_fns(cfg.env, o.sac.num_envs, seed=train_seed), o.sac, device=device,
-                                 seed=cfg.seed, **sac_kwargs)
+            train_envs = env_fns(cfg.env, o.sac.num_envs, seed=train_seed, first_slot=first_slot)
+            trainer = SACTrainer(model, train_envs, o.sac, device=device, seed=cfg.seed, **sac_kwargs)
         else:
             from stages.rl.ppo import PPOTrainer
 
-            trainer = PPOTrainer(model, env_fns(cfg.env, o.ppo.num_envs, seed=train_seed), o.ppo, device=device,
-                                 seed=cfg.seed, dist=dist)
+            train_envs = env_fns(cfg.env, o.ppo.num_envs, seed=train_seed, first_slot=first_slot)
+            trainer = PPOTrainer(model, train_envs, o.ppo, device=device, seed=cfg.seed, dist=dist)
         try:
             if keeper is not None:
                 keeper.start()

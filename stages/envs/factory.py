@@ -17,6 +17,11 @@ are stacked arrays as usual). Two things had to be right for that:
 batched by gymnasium into arrays with ``_key`` masks; nested dicts (``infractions``) stay nested.
 
 Episodes auto-reset in gymnasium's default ``NextStep`` mode unless ``autoreset_mode`` says otherwise.
+
+Slots: every env has a slot number (`stages.envs.slots`); with CARLA, env slot k drives server k of
+the CARLA resource's list, since a synchronous server takes one client. ``env_fns(..., first_slot=s)``
+numbers its envs ``s, s + 1, …``; `check_env_slots` fails before any env is built when there are not
+enough servers. The highway backend ignores slots.
 """
 from __future__ import annotations
 
@@ -35,18 +40,27 @@ log = logging.getLogger(__name__)
 CARLA_BRIDGE_MODULE = "stages.envs.carla_bridge"
 
 
-def make_env(cfg: EnvConfig, seed: int | None = None) -> gym.Env:
-    """One environment for ``cfg``; ``seed`` (default ``cfg.seed``) seeds its first reset."""
+def make_env(cfg: EnvConfig, seed: int | None = None, slot: int = 0) -> gym.Env:
+    """One environment for ``cfg``; ``seed`` (default ``cfg.seed``) seeds its first reset. ``slot``:
+    which simulator server it uses (CARLA: server ``slot`` of the resource's list; highway: none)."""
     if cfg.backend == "highway":
         from stages.envs.highway_backend import DrivingEnv
 
         return DrivingEnv(cfg, seed=seed)
     if cfg.backend == "carla":
-        return _make_carla_env(cfg, seed)
+        return _carla_bridge().make_carla_env(cfg, seed=seed, slot=slot)
     raise ValueError(f"backend={cfg.backend!r} is not one of ['highway', 'carla']")
 
 
-def _make_carla_env(cfg: EnvConfig, seed: int | None) -> gym.Env:
+def check_env_slots(cfg: EnvConfig, slots: int, layout: str = "") -> None:
+    """Fail now, before any env is built, unless ``slots`` envs can each have a simulator of their own
+    (CARLA: a server each; `EnvSlotError` names how many are needed and how to provision them).
+    ``layout`` says where the number comes from (`OnlineEnvSlots.describe`). Highway: nothing to check."""
+    if cfg.backend == "carla":
+        _carla_bridge().check_server_slots(slots, layout)
+
+
+def _carla_bridge() -> Any:
     # The CARLA bridge is its own module (the only one that imports `carla`); it is looked up
     # lazily so that the highway backend never needs the CARLA client installed.
     if importlib.util.find_spec(CARLA_BRIDGE_MODULE) is None:
@@ -54,38 +68,40 @@ def _make_carla_env(cfg: EnvConfig, seed: int | None) -> gym.Env:
             f"backend='carla' needs {CARLA_BRIDGE_MODULE} (the CARLA bridge), which is not in this "
             "checkout yet; use backend='highway' for the embedded simulator")
     bridge = importlib.import_module(CARLA_BRIDGE_MODULE)
-    factory = getattr(bridge, "make_carla_env", None)
-    if factory is None:
-        raise NotImplementedError(f"{CARLA_BRIDGE_MODULE} does not define make_carla_env(cfg, seed)")
-    return factory(cfg, seed=seed)
+    if getattr(bridge, "make_carla_env", None) is None:
+        raise NotImplementedError(f"{CARLA_BRIDGE_MODULE} does not define make_carla_env(cfg, seed, slot)")
+    return bridge
 
 
-def env_fns(cfg: EnvConfig, num_envs: int, seed: int | None = None) -> list[Callable[[], gym.Env]]:
-    """Constructors of ``num_envs`` envs seeded ``seed + i`` (picklable, for subprocesses)."""
+def env_fns(cfg: EnvConfig, num_envs: int, seed: int | None = None,
+            first_slot: int = 0) -> list[Callable[[], gym.Env]]:
+    """Constructors of ``num_envs`` envs seeded ``seed + i`` in slots ``first_slot + i`` (picklable,
+    for subprocesses)."""
     base = cfg.seed if seed is None else seed
-    return [_EnvFn(cfg.model_dump(mode="json"), base + i) for i in range(num_envs)]
+    return [_EnvFn(cfg.model_dump(mode="json"), base + i, first_slot + i) for i in range(num_envs)]
 
 
 class _EnvFn:
-    """A picklable ``lambda: make_env(cfg, seed)`` (the config travels as plain data)."""
+    """A picklable ``lambda: make_env(cfg, seed, slot)`` (the config travels as plain data)."""
 
-    def __init__(self, cfg: dict[str, Any], seed: int) -> None:
-        self.cfg, self.seed = cfg, seed
+    def __init__(self, cfg: dict[str, Any], seed: int, slot: int = 0) -> None:
+        self.cfg, self.seed, self.slot = cfg, seed, slot
 
     def __call__(self) -> gym.Env:
-        return make_env(EnvConfig.model_validate(self.cfg), seed=self.seed)
+        return make_env(EnvConfig.model_validate(self.cfg), seed=self.seed, slot=self.slot)
 
 
 def make_vector_env(cfg: EnvConfig, num_envs: int, asynchronous: bool = False, seed: int | None = None,
                     autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
-                    context: str | None = None) -> gym.vector.VectorEnv:
-    """``num_envs`` copies of ``cfg`` with distinct seeds (``seed + i``), one process each if asynchronous.
+                    context: str | None = None, first_slot: int = 0) -> gym.vector.VectorEnv:
+    """``num_envs`` copies of ``cfg`` with distinct seeds (``seed + i``) in slots ``first_slot + i``, one
+    process each if asynchronous.
 
     ``context`` is the multiprocessing start method of the async workers (None: Python's default).
     """
     if num_envs < 1:
         raise ValueError(f"num_envs={num_envs} must be >= 1")
-    fns = env_fns(cfg, num_envs, seed)
+    fns = env_fns(cfg, num_envs, seed, first_slot=first_slot)
     mode = AutoresetMode(autoreset_mode)
     if asynchronous:
         # shared_memory=False: see the module docstring (Text observations in gymnasium 1.4).

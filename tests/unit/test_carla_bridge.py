@@ -111,6 +111,8 @@ def test_fps_and_control_dt_follow_each_other():
 
 
 def test_config_from_env_config(monkeypatch):
+    monkeypatch.delenv("DRIVEVLA_CARLA_SERVERS", raising=False)
+    monkeypatch.delenv("DRIVEVLA_CARLA_SERVERS_FILE", raising=False)
     monkeypatch.setenv("CARLA_HOST", "carla-7")
     monkeypatch.setenv("CARLA_PORT", "2010")
     cfg = SimulatorConfig.from_env_config(EnvConfig(backend="carla", scenario="highway", image_size=96,
@@ -640,6 +642,84 @@ def test_reconnect_to_a_server_on_new_ports(fake, server):
     assert set(new.world.fake_actors) == set(bridge.spawned_actor_ids)
     bridge.close()
     assert not new.world.fake_actors
+
+
+def _endpoint(index: int, port: int, generation: int = 0):
+    from infra.carla import CarlaEndpoint
+
+    return CarlaEndpoint(index=index, host="localhost", port=port, streaming_port=port + 1, secondary_port=port + 2,
+                         tm_port=port + 3, gpu=None, name=f"carla-{index}", container_id="", generation=generation)
+
+
+@pytest.fixture
+def published(fake, tmp_path, monkeypatch):
+    """Two servers listed the way the CARLA resource lists them: the variable and the file."""
+    from infra.carla import ENV_VAR, FILE_ENV_VAR, endpoints_to_env, write_endpoints_file
+
+    servers = [fake.start_server("localhost", port) for port in (2000, 2004)]
+    endpoints = [_endpoint(0, 2000), _endpoint(1, 2004)]
+    listing = tmp_path / "servers.json"
+    write_endpoints_file(listing, endpoints)
+    monkeypatch.setenv(ENV_VAR, endpoints_to_env(endpoints))
+    monkeypatch.setenv(FILE_ENV_VAR, str(listing))
+    return servers, endpoints, listing
+
+
+def _slot_env(fake, slot: int) -> CARLABridge:
+    return make_carla_env(EnvConfig(backend="carla", image_size=64, vehicles_count=0), seed=0, carla_module=fake,
+                          slot=slot, num_walkers=0, headless=True, retry_delay_s=0.0, sensor_timeout_s=0.2)
+
+
+def test_env_slot_connects_to_its_own_server(fake, published):
+    (first, second), endpoints, _ = published
+    env = _slot_env(fake, 1)
+    env.reset(seed=0)
+    assert (env.config.carla_port, env.config.tm_port, env.config.server_slot) == (2004, 2007, 1)
+    assert set(second.world.fake_actors) == set(env.spawned_actor_ids)
+    assert list(second.traffic_managers) == [2007]
+    assert not first.calls                                     # slot 0's server is another env's
+    env.close()
+
+
+def test_a_bridge_follows_its_server_to_the_ports_of_the_listing(fake, published, caplog):
+    from infra.carla import write_endpoints_file
+
+    (_, second), endpoints, listing = published
+    env = _slot_env(fake, 1)
+    env.reset(seed=0)
+    env.step(IDLE)
+    # The supervisor restarted server 1 on other ports: the old process is gone, the listing moved on.
+    second.kill()
+    fake.stop_server("localhost", 2004)
+    moved = fake.start_server("localhost", 2012)
+    write_endpoints_file(listing, [endpoints[0], _endpoint(1, 2012, generation=1)])
+    with pytest.raises(CarlaConnectionError):
+        env.step(IDLE)
+    with caplog.at_level("WARNING", logger="stages.envs.carla_bridge.bridge"):
+        obs, _ = env.reset()
+    assert (env.config.carla_host, env.config.carla_port, env.config.tm_port) == ("localhost", 2012, 2015)
+    assert "env slot 1: CARLA server carla-1 moved from localhost:2004" in caplog.text
+    assert "to localhost:2012 (traffic manager 2015, generation 1)" in caplog.text
+    assert env.observation_space.contains(obs)
+    assert set(moved.world.fake_actors) == set(env.spawned_actor_ids)
+    assert moved.traffic_managers[2015].fake_synchronous_mode and moved.world.get_settings().synchronous_mode
+    env.step(IDLE)
+    env.close()
+    assert not moved.world.fake_actors
+
+
+def test_without_the_listing_file_the_snapshot_names_the_server(fake, published):
+    (_, second), _, listing = published
+    env = _slot_env(fake, 1)
+    env.reset(seed=0)
+    listing.unlink()                                           # the resource is gone; the variable remains
+    second.kill()
+    with pytest.raises(CarlaConnectionError):
+        env.step(IDLE)
+    second.restart()                                           # same ports, as a supervisor restart keeps them
+    env.reset()
+    assert env.config.carla_port == 2004 and set(second.world.fake_actors) == set(env.spawned_actor_ids)
+    env.close()
 
 
 def test_no_server_fails_after_the_retries(fake):

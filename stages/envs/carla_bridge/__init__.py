@@ -10,7 +10,9 @@ work without the ``carla`` extra (``pip install -e .[carla]``).
   ``initialize()``; ``reconnect()`` for a server supervisor.
 - `CarlaConnectionError`: the one recoverable error (time-out, lost connection).
 - `server_version(host, port, timeout)`: the readiness probe.
-- `make_carla_env(env_config, seed)`: what `stages.envs.make_env` calls for ``backend='carla'``.
+- `make_carla_env(env_config, seed, slot=0)`: what `stages.envs.make_env` calls for ``backend='carla'``;
+  env slot k connects to server k of the CARLA resource's endpoint list.
+- `slot_endpoint(slot)`, `check_server_slots(needed)`: that list, read (`endpoints`).
 - `RoutePlanner`, `RoadOption`, `command_text`: routes over the town and their text commands.
 - `CARLARewardWrapper`: the seed's reward wrapper (shared with every backend, re-exported).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from stages.envs.carla_bridge.bridge import CARLABridge, image_to_rgb, make_carla_env, server_version
 from stages.envs.carla_bridge.config import SimulatorConfig
+from stages.envs.carla_bridge.endpoints import check_server_slots, slot_endpoint
 from stages.envs.carla_bridge.errors import INSTALL_HINT, CarlaConnectionError, is_connection_error, load_carla
 from stages.envs.carla_bridge.routing import RoadOption, Route, RoutePlanner, RouteTracker, command_text
 from stages.envs.rewards import CARLARewardWrapper
@@ -25,5 +28,5 @@ from stages.envs.rewards import CARLARewardWrapper
 __all__ = [
     "CARLABridge", "CARLARewardWrapper", "CarlaConnectionError", "INSTALL_HINT", "RoadOption", "Route",
     "RoutePlanner", "RouteTracker", "SimulatorConfig", "command_text", "image_to_rgb", "is_connection_error",
-    "load_carla", "make_carla_env", "server_version",
+    "check_server_slots", "load_carla", "make_carla_env", "server_version", "slot_endpoint",
 ]

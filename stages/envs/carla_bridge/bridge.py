@@ -18,7 +18,10 @@ How it talks to the server:
 - every actor the bridge spawns is tracked and destroyed (sensors stopped first) on reset and close;
   close restores the world settings found on connecting, in asynchronous mode;
 - a client time-out or a lost connection becomes `CarlaConnectionError`; the next ``reset()``
-  reconnects with a new client (``reconnect()`` is public for a server supervisor). Actors of the
+  reconnects with a new client (``reconnect()`` is public for a server supervisor). A bridge bound
+  to an env slot (``SimulatorConfig.server_slot``) reads its slot's endpoint again from the CARLA
+  resource's list before every connection attempt, so it follows a server the supervisor restarted
+  on other ports or another host (`stages.envs.carla_bridge.endpoints`). Actors of the
   lost episode are destroyed after reconnecting when the server is still in that episode
   (``carla.World.id``): actor ids are unique only within an episode, so a restarted or reloaded
   server may use them for other actors, and ids of a lost episode are never destroyed there.
@@ -48,11 +51,13 @@ import numpy as np
 
 from stages.envs import captions
 from stages.envs.carla_bridge.config import SimulatorConfig
+from stages.envs.carla_bridge.endpoints import CarlaServerError, slot_endpoint
 from stages.envs.carla_bridge.errors import CarlaConnectionError, is_connection_error, load_carla
 from stages.envs.carla_bridge.routing import Route, RoutePlanner, RouteTracker
 from stages.envs.config import EnvConfig
 from stages.envs.rewards import compute_driving_reward
 from stages.envs.scenarios import CARLA_TOWNS, get_scenario
+from stages.envs.slots import EnvSlotError
 from stages.envs.spaces import (
     FRONT_DISTANCE_MAX, action_space, clip_action, make_state, observation_space, sanitize_command)
 
@@ -248,24 +253,19 @@ class CARLABridge(gym.Env):
                   traffic_manager_port: int | None = None) -> None:
         """Drop the client and connect anew (optionally to a restarted server on other ports).
 
-        The episode is gone afterwards: the next `reset()` builds one. Actors of the old episode
-        are destroyed through the new client when the server survived (a restarted server has none).
+        Without arguments, a bridge bound to an env slot (``config.server_slot``) connects to its
+        slot's endpoint as the CARLA resource lists it now (a server the supervisor restarted may
+        have moved); given arguments win. The episode is gone afterwards: the next `reset()` builds
+        one. Actors of the old episode are destroyed through the new client when the server
+        survived (a restarted server has none).
         """
-        updates: dict[str, Any] = {}
-        if host is not None:
-            updates["carla_host"] = host
-        if port is not None:
-            updates["carla_port"] = int(port)
-        if traffic_manager_port is not None:
-            updates["traffic_manager_port"] = int(traffic_manager_port)
-        if updates:
-            data = self.config.model_dump(exclude_unset=True)
-            data.update(updates)
-            self.config = SimulatorConfig.model_validate(data)
+        explicit = host is not None or port is not None or traffic_manager_port is not None
+        if explicit:
+            self._set_endpoint(host, port, traffic_manager_port)
         log.warning("reconnecting to CARLA at %s:%s", self.config.carla_host, self.config.carla_port)
         self._forget_episode()
         self._client = self._world = self._map = self._tm = self._blueprints = None
-        self._connect_with_retries()
+        self._connect_with_retries(follow_slot=not explicit)
         self._setup_world()
         self._broken = False
 
@@ -455,10 +455,47 @@ class CARLABridge(gym.Env):
                 f"CARLA at {self.config.carla_host}:{self.config.carla_port} failed during {what}: {error}"
             ) from error
 
-    def _connect_with_retries(self) -> None:
+    def _set_endpoint(self, host: str | None, port: int | None, traffic_manager_port: int | None) -> None:
+        updates: dict[str, Any] = {}
+        if host is not None:
+            updates["carla_host"] = host
+        if port is not None:
+            updates["carla_port"] = int(port)
+        if traffic_manager_port is not None:
+            updates["traffic_manager_port"] = int(traffic_manager_port)
+        if updates:
+            data = self.config.model_dump(exclude_unset=True)
+            data.update(updates)
+            self.config = SimulatorConfig.model_validate(data)
+
+    def _follow_slot(self) -> None:
+        """Point the config at this slot's endpoint as the CARLA resource lists it now."""
+        slot = self.config.server_slot
+        if slot is None:
+            return
+        try:
+            endpoint = slot_endpoint(slot)
+        except (EnvSlotError, CarlaServerError, OSError) as error:  # keep the endpoint this bridge knows
+            log.warning("env slot %d: could not read the CARLA endpoint list (%s); staying on %s:%s",
+                        slot, error, self.config.carla_host, self.config.carla_port)
+            return
+        cfg = self.config
+        if endpoint is None or (endpoint.host, endpoint.port, endpoint.tm_port) == (
+                cfg.carla_host, cfg.carla_port, cfg.tm_port):
+            return
+        log.warning("env slot %d: CARLA server %s moved from %s:%s (traffic manager %s) to %s:%s (traffic "
+                    "manager %s, generation %d)", slot, endpoint.name or endpoint.index, cfg.carla_host,
+                    cfg.carla_port, cfg.tm_port, endpoint.host, endpoint.port, endpoint.tm_port, endpoint.generation)
+        self._set_endpoint(endpoint.host, endpoint.port, endpoint.tm_port)
+
+    def _connect_with_retries(self, follow_slot: bool = True) -> None:
         cfg = self.config
         last: CarlaConnectionError | None = None
-        for attempt in range(1, cfg.connect_retries + 1):
+        for attempt in range(1, self.config.connect_retries + 1):
+            if follow_slot:
+                # Between attempts the supervisor may finish a restart and publish the new endpoint.
+                self._follow_slot()
+            cfg = self.config
             try:
                 with self._guard("connect"):
                     self._connect()
@@ -1054,9 +1091,12 @@ class CARLABridge(gym.Env):
                 "command": self._obs["command"]}
 
 
-def make_carla_env(cfg: EnvConfig, seed: int | None = None, carla_module: Any = None,
+def make_carla_env(cfg: EnvConfig, seed: int | None = None, carla_module: Any = None, slot: int = 0,
                    **overrides: Any) -> CARLABridge:
-    """The CARLA env for an `EnvConfig` (what `stages.envs.make_env` calls for ``backend='carla'``)."""
+    """The CARLA env of env slot ``slot`` for an `EnvConfig` (what `stages.envs.make_env` calls for
+    ``backend='carla'``): it connects to server ``slot`` of the CARLA resource's list
+    (`SimulatorConfig.from_env_config`)."""
     if cfg.backend != "carla":
         raise ValueError(f"make_carla_env needs backend='carla', got {cfg.backend!r}")
-    return CARLABridge(SimulatorConfig.from_env_config(cfg, **overrides), carla_module=carla_module, seed=seed)
+    return CARLABridge(SimulatorConfig.from_env_config(cfg, slot=slot, **overrides), carla_module=carla_module,
+                       seed=seed)

@@ -44,6 +44,9 @@ class SimulatorConfig(BaseModel):
     carla_port: int = Field(2000, ge=1, le=65535, description="the server's RPC port")
     carla_town: str = Field("Town01", description="town to load; a scenario with its own town "
                                                   "(highway: Town06) wins unless this is set explicitly")
+    server_slot: int | None = Field(None, ge=0, description="entry of the CARLA resource's endpoint list this "
+                                                            "env uses (stages.envs.slots); reconnecting reads "
+                                                            "it again. None: carla_host/carla_port as given")
 
     # Rendering
     render: bool = Field(True, description="False: no_rendering_mode, no camera (black images)")
@@ -180,16 +183,23 @@ class SimulatorConfig(BaseModel):
         return resolve_reward(self.reward, self.scenario)
 
     @classmethod
-    def from_env_config(cls, cfg: EnvConfig, **overrides: Any) -> SimulatorConfig:
-        """The CARLA settings for a backend-neutral `EnvConfig`.
+    def from_env_config(cls, cfg: EnvConfig, slot: int = 0, **overrides: Any) -> SimulatorConfig:
+        """The CARLA settings for a backend-neutral `EnvConfig`, for env slot ``slot``.
 
-        Host and port come from ``CARLA_HOST`` / ``CARLA_PORT`` (and ``CARLA_TM_PORT``) when set — the
-        server resource exports them — else the seed's defaults; ``overrides`` win over both. The
-        control step is the env's ``policy_frequency``; physics keeps the seed's 60 Hz where that
-        divides the step, else the nearest finer rate that does.
+        The server: entry ``slot`` of the endpoint list the CARLA resource publishes
+        (``DRIVEVLA_CARLA_SERVERS_FILE``, else ``DRIVEVLA_CARLA_SERVERS``: `endpoints.slot_endpoint`);
+        without a list, ``CARLA_HOST`` / ``CARLA_PORT`` (and ``CARLA_TM_PORT``) when set, else the
+        seed's defaults — for slot 0 only, since one synchronous server takes one client. A host or
+        port in ``overrides`` wins and unbinds the env from the list; other ``overrides`` win as
+        well. The control step is the env's ``policy_frequency``; physics keeps the seed's 60 Hz
+        where that divides the step, else the nearest finer rate that does.
         """
+        from stages.envs.carla_bridge.endpoints import slot_endpoint
+
         control_dt = 1.0 / cfg.policy_frequency
         physics_dt = control_dt / max(1, math.ceil(control_dt * 60.0 - 1e-9))
+        explicit = bool({"carla_host", "carla_port", "traffic_manager_port"} & overrides.keys())
+        endpoint = None if explicit else slot_endpoint(slot)
         values: dict[str, Any] = {
             "carla_host": os.environ.get("CARLA_HOST", "localhost"),
             "carla_port": int(os.environ.get("CARLA_PORT", "2000")),
@@ -206,8 +216,12 @@ class SimulatorConfig(BaseModel):
             "seed": cfg.seed,
             "reward": cfg.resolved_reward(),
         }
-        if os.environ.get("CARLA_TM_PORT"):
+        if endpoint is not None:
+            values.update(carla_host=endpoint.host, carla_port=endpoint.port, traffic_manager_port=endpoint.tm_port)
+        elif os.environ.get("CARLA_TM_PORT"):
             values["traffic_manager_port"] = int(os.environ["CARLA_TM_PORT"])
+        if not explicit:
+            values["server_slot"] = slot
         values.update(overrides)
         return cls.model_validate(values)
 
