@@ -1,6 +1,7 @@
 """``drivevla carla up | down | status | logs``: CARLA servers in Docker from the command line — the
 seed's ``docker run -d … carlasim/carla`` / ``docker stop`` / ``docker logs``, with free ports, a
 readiness probe instead of ``sleep 30``, labels, and cleanup that never touches other containers.
+``servers-needed`` prints how many servers the online stage needs (one per env).
 
 Settings come from the ``carla:`` section of ``params.yaml`` (see `infra.carla.CarlaServerConfig`),
 then ``--set key=value`` (keys of that section), then the flags.
@@ -124,6 +125,24 @@ def up(servers: Annotated[Optional[int], typer.Option("--servers", "-n", help="h
             typer.echo(f"{e.name}  {e.host}:{e.port}  streaming {e.streaming_port}  tm {e.tm_port}  "
                        f"gpu {e.gpu or '-'}  version {e.version or '?'}")
         typer.echo(f"session {manager.session}: stop with `drivevla carla down --session {manager.session}`")
+
+
+@carla_app.command("servers-needed")
+def servers_needed(
+        params: ParamsOpt = "params.yaml",
+        preset: Annotated[Optional[str], typer.Option(help="smoke | demo | carla (default: params.yaml's)")] = None,
+        set_: Annotated[Optional[list[str]], typer.Option(
+            "--set", help="override a pipeline value, as the stage's --set: online.ppo.num_envs=2")] = None,
+        world_size: Annotated[int, typer.Option(min=1, help="torchrun ranks of the online stage")] = 1) -> None:
+    """Print how many servers the online stage needs: one per env, num_envs x world size + 1 (eval)."""
+    from stages.config import ConfigError, load_config
+    from stages.envs.slots import OnlineEnvSlots
+
+    try:
+        cfg = load_config(params, preset=preset, overrides=set_ or [])
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    typer.echo(OnlineEnvSlots.for_config(cfg.online, world_size).total)
 
 
 @carla_app.command()

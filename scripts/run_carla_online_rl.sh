@@ -8,7 +8,8 @@
 # - training is the online stage (`python -m stages.online`), reading the endpoints that `up` exports.
 #
 # Usage: scripts/run_carla_online_rl.sh [extra `python -m stages.online` arguments, e.g. --set online.algo=ppo]
-# Environment: CARLA_VERSION, CARLA_PORT, CARLA_GPUS (e.g. 0 or 0,1; empty: no GPU), CARLA_SERVERS,
+# Environment: CARLA_VERSION, CARLA_PORT, CARLA_GPUS (e.g. 0 or 0,1; empty: no GPU), CARLA_SERVERS
+# (default: what the stage needs, one per env: num_envs + 1 for evaluation, from `carla servers-needed`),
 # TOTAL_TIMESTEPS, OUTPUT_DIR, CARLA_UP_ARGS (more `carla up` options, e.g. "--set quality_level=Epic").
 # Inside a Prefect flow the same happens through tasks/carla_resource.py (`drivevla pipeline --preset carla`).
 set -euo pipefail
@@ -17,7 +18,6 @@ cd "$(dirname "$0")/.."
 CARLA_VERSION=${CARLA_VERSION:-0.9.16}   # keep equal to the pip client (carla==0.9.16)
 CARLA_PORT=${CARLA_PORT:-2000}
 CARLA_GPUS=${CARLA_GPUS-0}     # set but empty: no GPU request
-CARLA_SERVERS=${CARLA_SERVERS:-1}
 TOTAL_TIMESTEPS=${TOTAL_TIMESTEPS:-1000000}
 OUTPUT_DIR=${OUTPUT_DIR:-checkpoints/online}
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -27,6 +27,14 @@ if [ -x .venv/bin/drivevla ] && .venv/bin/drivevla carla --help >/dev/null 2>&1;
     carla=(.venv/bin/drivevla carla)
 else
     carla=("$PYTHON" -m flows.carla_cli)
+fi
+
+if [ -z "${CARLA_SERVERS:-}" ]; then
+    # One server per env slot of the stage run below (same preset and --set arguments).
+    if ! CARLA_SERVERS=$("${carla[@]}" servers-needed --preset carla --set env.backend=carla "$@"); then
+        echo "Could not work out how many CARLA servers the online stage needs (see above)" >&2
+        exit 2
+    fi
 fi
 
 echo "Starting ${CARLA_SERVERS} CARLA ${CARLA_VERSION} server(s) on GPU(s) ${CARLA_GPUS}..."

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,10 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from infra.carla import (
-    ENV_VAR, CarlaServerConfig, LogFollower, ServerEvent, ServerSupervisor, VersionProbe, carla_servers,
-    connect_docker, endpoints_to_env, reap_orphans)
+    ENV_VAR, FILE_ENV_VAR, CarlaEndpoint, CarlaServerConfig, LogFollower, ServerEvent, ServerSupervisor,
+    VersionProbe, carla_servers, connect_docker, endpoints_to_env, reap_orphans, write_endpoints_file)
 from infra.carla.manager import LABEL_FLOW_RUN_ID, LABEL_FLOW_RUN_NAME
+from stages.envs.slots import EnvSlotError, OnlineEnvSlots
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +105,63 @@ def gpu_slots(gpus: Sequence[str], limit: int = 1, timeout_s: float | None = Non
         yield names
 
 
+class EndpointPublisher:
+    """Publishes a supervisor's endpoints to processes started inside the resource: the
+    ``DRIVEVLA_CARLA_SERVERS`` variable (a snapshot a child takes when it starts) and the JSON file named
+    by ``DRIVEVLA_CARLA_SERVERS_FILE``, rewritten atomically at every change so a running child can
+    follow a server that moved (`stages.envs.carla_bridge.endpoints`). `close` removes the file and
+    restores both variables as they were."""
+
+    def __init__(self, endpoints: Callable[[], Sequence[CarlaEndpoint]], path: str | Path) -> None:
+        self.endpoints = endpoints
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._previous = {name: os.environ.get(name) for name in (ENV_VAR, FILE_ENV_VAR)}
+
+    def publish(self, _changed: CarlaEndpoint | None = None) -> None:
+        """Write the current endpoints (also a supervisor listener: restarts call it from their thread)."""
+        # Under the lock the list is read and written together, so of two restarts finishing at
+        # once the later write holds both; after close a late restart must not bring the file back.
+        with self._lock:
+            if self._closed:
+                return
+            endpoints = list(self.endpoints())
+            write_endpoints_file(self.path, endpoints)
+            os.environ[ENV_VAR] = endpoints_to_env(endpoints)
+            os.environ[FILE_ENV_VAR] = str(self.path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self.path.unlink(missing_ok=True)
+            for name, value in self._previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def default_endpoints_file(session: str) -> Path:
+    """Where the resource of manager session ``session`` publishes its endpoint list."""
+    return Path(tempfile.gettempdir()) / f"drivevla-carla-{session}.json"
+
+
 @contextmanager
 def carla_resource(config: CarlaServerConfig, *, version_probe: VersionProbe | None = None,
                    use_bridge_probe: bool = True, supervise: bool = True, stream_logs: bool = True,
-                   export_env: bool = True, gpu_timeout_s: float | None = None) -> Iterator[ServerSupervisor]:
+                   export_env: bool = True, gpu_timeout_s: float | None = None,
+                   endpoints_file: str | Path | None = None) -> Iterator[ServerSupervisor]:
     """Start the servers for the current run and yield them (see `ServerSupervisor`); always remove them.
 
     - holds the GPU slots first (a run waits for the GPUs before starting any server);
     - labels the containers with the flow run, so the flow's hooks can reap them;
     - sends start / ready / restart / stop events and every line the servers print to the run logger;
     - exports ``DRIVEVLA_CARLA_SERVERS`` (the endpoints as JSON) for processes started inside, e.g.
-      ``dvc repro`` → ``python -m stages.online`` (`infra.carla.endpoints_from_env` reads it).
+      ``dvc repro`` → ``python -m stages.online`` (`infra.carla.endpoints_from_env` reads it), and
+      ``DRIVEVLA_CARLA_SERVERS_FILE``, the path of a JSON file holding the same list, rewritten
+      atomically whenever a server restarts and removed on exit (``endpoints_file``, default
+      `default_endpoints_file`; `EndpointPublisher`). Env slot k of the stage uses server k.
     """
     logger = run_logger()
     probe = version_probe if version_probe is not None else (bridge_version_probe() if use_bridge_probe else None)
@@ -125,8 +174,8 @@ def carla_resource(config: CarlaServerConfig, *, version_probe: VersionProbe | N
     def on_line(name: str, line: str) -> None:
         logger.info("[%s] %s", name, line)
 
-    previous_env = os.environ.get(ENV_VAR)
     follower: LogFollower | None = None
+    publisher: EndpointPublisher | None = None
     with ExitStack() as stack:
         stack.enter_context(gpu_slots(used, config.gpu_concurrency, gpu_timeout_s))
         try:
@@ -135,19 +184,18 @@ def carla_resource(config: CarlaServerConfig, *, version_probe: VersionProbe | N
             if stream_logs:
                 follower = LogFollower(servers.manager, on_line).start()
             if export_env:
-                os.environ[ENV_VAR] = endpoints_to_env(servers.endpoints)
-                servers.add_listener(lambda _ep: os.environ.__setitem__(ENV_VAR, endpoints_to_env(servers.endpoints)))
+                publisher = EndpointPublisher(
+                    lambda: servers.endpoints, endpoints_file or default_endpoints_file(servers.manager.session))
+                publisher.publish()
+                servers.add_listener(publisher.publish)
             logger.info("carla: %d server(s) ready: %s", len(servers),
                         ", ".join(f"{e.host}:{e.port} (gpu {e.gpu or '-'})" for e in servers))
             yield servers
         finally:
             if follower is not None:
                 follower.stop()
-            if export_env:
-                if previous_env is None:
-                    os.environ.pop(ENV_VAR, None)
-                else:
-                    os.environ[ENV_VAR] = previous_env
+            if publisher is not None:
+                publisher.close()
     # Containers are gone here, so the log streams have ended.
     if follower is not None:
         follower.join()
@@ -167,15 +215,26 @@ def reap_flow_run_servers(flow: Any, flow_run: Any, state: Any) -> None:
                     getattr(state, "name", state), ", ".join(removed))
 
 
-def carla_config_for(cfg: Any, carla: CarlaServerConfig | dict[str, Any] | None = None) -> CarlaServerConfig:
-    """The server config of a pipeline config: ``carla`` if given, else its ``carla`` section; one server
-    per parallel env unless ``num_servers`` was set explicitly."""
+def carla_config_for(cfg: Any, carla: CarlaServerConfig | dict[str, Any] | None = None,
+                     world_size: int = 1) -> CarlaServerConfig:
+    """The server config of a pipeline config: ``carla`` if given, else its ``carla`` section; as many
+    servers as the online stage has env slots (`OnlineEnvSlots.total`; ``world_size`` is 1 for the
+    ``python -m stages.online`` that dvc.yaml runs) unless ``num_servers`` was set explicitly, which
+    must then be at least that many."""
     if isinstance(carla, dict):
         carla = CarlaServerConfig.model_validate(carla)
     carla = carla or getattr(cfg, "carla", None) or CarlaServerConfig()
-    num_envs = getattr(getattr(getattr(cfg, "online", None), "ppo", None), "num_envs", None)
-    if "num_servers" not in carla.model_fields_set and isinstance(num_envs, int) and num_envs > 0:
-        carla = carla.model_copy(update={"num_servers": num_envs})
+    if getattr(cfg, "online", None) is None:
+        return carla
+    slots = OnlineEnvSlots.for_config(cfg.online, world_size)
+    if "num_servers" not in carla.model_fields_set:
+        # Validated, not model_copy(update=...): the port range must hold the servers.
+        return CarlaServerConfig.model_validate({**carla.model_dump(exclude_unset=True), "num_servers": slots.total})
+    if carla.num_servers < slots.total:
+        # Found here, before any container starts, rather than by the stage minutes later.
+        raise EnvSlotError(f"carla.num_servers={carla.num_servers} is too few: the online stage needs "
+                           f"{slots.total} CARLA servers, one per env ({slots.describe()}). Set "
+                           f"carla.num_servers={slots.total}, or leave it unset to get that many.")
     return carla
 
 
