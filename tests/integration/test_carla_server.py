@@ -421,13 +421,16 @@ def test_prefect_flow_failing_inside_the_resource_removes_servers_and_logs_them(
             container = docker_client.containers.get(servers[0].container_id)
             seen["labels"] = container.labels
             seen["env"] = json.loads(os.environ["DRIVEVLA_CARLA_SERVERS"])
+            seen["file"] = os.environ["DRIVEVLA_CARLA_SERVERS_FILE"]
+            seen["listed"] = json.loads(Path(seen["file"]).read_text())
             time.sleep(0.5)  # let the log follower copy the server's first lines
             raise RuntimeError("training diverged")
 
     state = online_like(return_state=True)
     assert state.is_failed()
     assert leftovers(docker_client, owner) == []
-    assert "DRIVEVLA_CARLA_SERVERS" not in os.environ
+    assert "DRIVEVLA_CARLA_SERVERS" not in os.environ and "DRIVEVLA_CARLA_SERVERS_FILE" not in os.environ
+    assert seen["listed"] == seen["env"] and not Path(seen["file"]).exists()
     assert seen["slots"] == ["carla-gpu-test-gpu"] and seen["active_slots"] == 1
     run_id = str(state.state_details.flow_run_id)
     assert seen["labels"][LABEL_FLOW_RUN_ID] == run_id
@@ -445,6 +448,28 @@ def test_prefect_flow_failing_inside_the_resource_removes_servers_and_logs_them(
     assert "starting" in text and "ready version 0.9.16" in text and "stopped" in text, text
     assert "Listening on rpc port" in text, text  # the server's own output reached the flow's log
 
+
+
+@pytest.mark.docker
+def test_resource_rewrites_the_endpoint_file_on_restart_and_removes_it(docker_client, owner, make_config, tmp_path):
+    """What a stage process reads to follow a restarted server (stages.envs.carla_bridge.endpoints)."""
+    from infra.carla import current_endpoints, endpoints_from_file
+    from tasks.carla_resource import carla_resource
+
+    listing = tmp_path / "servers.json"
+    # No watchdog: the restart below is this test's own, not a race with one.
+    with carla_resource(make_config(num_servers=2), version_probe=carla_version_probe, stream_logs=False,
+                        supervise=False, endpoints_file=listing) as servers:
+        assert os.environ["DRIVEVLA_CARLA_SERVERS_FILE"] == str(listing)
+        assert endpoints_from_file(listing) == servers.endpoints
+        assert [e.generation for e in endpoints_from_file(listing)] == [0, 0]
+        servers.manager.container(1).kill()
+        assert servers.ensure_healthy(1) is not None             # restarted; the listener rewrote the file
+        listed = endpoints_from_file(listing)
+        assert [e.generation for e in listed] == [0, 1] and listed == servers.endpoints
+        assert current_endpoints() == listed                     # the file wins over the start-time snapshot
+    assert not listing.exists() and "DRIVEVLA_CARLA_SERVERS_FILE" not in os.environ
+    assert leftovers(docker_client, owner) == []
 
 
 @pytest.mark.docker
