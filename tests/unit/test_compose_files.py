@@ -101,6 +101,28 @@ def test_multi_gpu_file_splits_gpus_and_waits_for_a_healthy_carla():
     assert endpoints[0]["host"] == "carla" and endpoints[0]["port"] == 2000
 
 
+def test_multi_gpu_file_gives_every_env_slot_of_its_command_a_healthy_server():
+    from stages.config import build_config
+    from stages.envs.slots import OnlineEnvSlots
+
+    services = load("docker-compose.multi-gpu.yml")["services"]
+    training = services["training"]
+    command = training["command"]
+    sets = [command[i + 1] for i, arg in enumerate(command) if arg == "--set"]
+    cfg = build_config(preset=command[command.index("--preset") + 1],
+                       overrides=[re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", s) for s in sets])
+    endpoints = json.loads(training["environment"]["DRIVEVLA_CARLA_SERVERS"])
+    assert len(endpoints) >= OnlineEnvSlots.for_config(cfg.online).total
+    hosts = [e["host"] for e in endpoints]
+    assert len(set(hosts)) == len(hosts), "two env slots would tick the same server"
+    # The bridges run their traffic managers in the training container: one port each.
+    tm_ports = [e["tm_port"] for e in endpoints]
+    assert len(set(tm_ports)) == len(tm_ports)
+    for host in hosts:
+        assert host in services and services[host]["healthcheck"]["test"]
+        assert training["depends_on"][host]["condition"] == "service_healthy"
+
+
 def test_training_dockerfile_copies_what_exists():
     dockerfile = (DOCKER_DIR / "Dockerfile.training").read_text()
     assert re.search(r"^FROM \S+", dockerfile, re.M)
