@@ -336,10 +336,11 @@ class RankBatches(IterableDataset):
     an item, an empty batch: every worker of every rank then yields as many items, which keeps the
     interleaving, and so the global batches, the same on every rank, and every rank takes each step.
 
-    Each rank still reads and decompresses every shard of its stream: a shard holds whole episodes
-    (next states stay in the shard) and the samples of a global batch are spread over ranks, so
-    each rank needs most shards anyway. ``captions`` adds the whole global batch's captions, read by
-    index (cheap strings, no tensors). With ``world_size`` 1 the shares are the global batches.
+    Each rank still reads and decompresses every shard of its stream. That is fine: a shard holds
+    whole episodes (a next state is always in the same shard) and many global batches, and every
+    global batch of at least ``world_size`` samples gives every rank some, so each rank needs nearly
+    every shard anyway. ``captions`` adds the whole global batch's captions, read by index (strings,
+    no tensors). With ``world_size`` 1 the shares are the global batches, as the DataLoader cut them.
     """
 
     def __init__(self, dataset: ShardedDataset, batch_size: int, rank: int = 0, world_size: int = 1,
