@@ -67,6 +67,15 @@ def batch_size_of(batch: dict[str, Any]) -> int:
     return len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
 
 
+def share_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``[lo, hi)`` of rank ``rank``'s contiguous share of a global batch of ``n`` samples: ``n // world_size``
+    each, the last rank also taking the remainder (so a batch smaller than the world leaves the other
+    ranks none). `Distributed.split` and the data loader's per-rank batches (`stages.data.shards`) both
+    cut by this rule, so a loader's share is what splitting the global batch would give."""
+    per = n // world_size
+    return rank * per, (rank + 1) * per if rank < world_size - 1 else n
+
+
 def micro_batches(batch: dict[str, Any], steps: int) -> list[dict[str, Any]]:
     """``batch`` cut into ``steps`` contiguous micro-batches of nearly equal size (tensors and lists
     alike); fewer, never empty ones, when the batch has fewer samples than ``steps`` (an epoch's last)."""
@@ -132,12 +141,10 @@ class Distributed:
         return indices[self.rank * per_rank:(self.rank + 1) * per_rank]
 
     def split(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """This rank's contiguous share of a global batch (tensors and lists alike)."""
+        """This rank's contiguous share of a global batch (tensors and lists alike), by `share_bounds`."""
         if not self.enabled:
             return batch
-        n = batch_size_of(batch)
-        per = n // self.world_size
-        lo, hi = self.rank * per, (self.rank + 1) * per if self.rank < self.world_size - 1 else n
+        lo, hi = share_bounds(batch_size_of(batch), self.rank, self.world_size)
         return {k: v[lo:hi] for k, v in batch.items()}
 
     def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:

@@ -14,9 +14,10 @@ Held-out open-loop metrics (`stages.metrics.open_loop`): L2 and collision rate a
 conventions, per source, beside a constant-velocity and an ego-status MLP baseline; and how the value
 function ranks clean expert states against perturbed ones (mean V, AUC).
 
-Under ``torchrun --nproc-per-node N -m stages.offline`` every rank reads the same global batch and
-trains on its share; ``offline.grad_accum_steps`` cuts a rank's share into micro-batches, each masked
-mean weighted by its share of the global count, so one optimiser step sees the global batch's gradient.
+Under ``torchrun --nproc-per-node N -m stages.offline`` every rank walks the same globally shuffled
+batches (same seed) but its loader builds only its own share of each (`stages.data.shards.RankBatches`);
+``offline.grad_accum_steps`` cuts a rank's share into micro-batches, each masked mean weighted by its
+share of the global count, so one optimiser step sees the global batch's gradient.
 """
 from __future__ import annotations
 
@@ -308,7 +309,8 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
     use_iql = o.iql_weight > 0
     iql_cfg = iql_config(o)
     train_ds = ShardedDataset(built, "train", shuffle=True, seed=cfg.seed, with_next=use_iql)
-    loader = make_loader(train_ds, o.batch_size, cfg.data.num_workers, pin_memory=device.startswith("cuda"))
+    loader = make_loader(train_ds, o.batch_size, cfg.data.num_workers, pin_memory=device.startswith("cuda"),
+                         rank=dist.rank, world_size=dist.world_size)
     scale = torch.as_tensor(np.asarray(stats["trajectory_std"]) + 0.1, dtype=torch.float32, device=device)
 
     model = load_or_init(cfg, upstream=cfg.pretrain.out).to(device)
@@ -356,13 +358,13 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
         sums: dict[str, float] = {}
         count = 0.0
         bar = tqdm(loader, desc=f"offline epoch {epoch + 1}/{o.epochs}", unit="batch",
-                   total=-(-len(train_ds) // o.batch_size), disable=not dist.is_main)
-        for batch in bar:
-            # Every rank reads the same global batch (same seed) and trains on its own share of it,
-            # in micro-batches; one optimiser step per global batch.
-            n = batch_size_of(batch)
+                   total=len(loader), disable=not dist.is_main)
+        for part in bar:
+            # Every rank walks the same global batches (same seed); its loader built only its own share
+            # of this one, which it trains on in micro-batches; one optimiser step per global batch.
+            n = part.size
             optim.zero_grad(set_to_none=True)
-            logged = accumulate_gradients(forward, model, critic, to_device(dist.split(batch), device), tokens,
+            logged = accumulate_gradients(forward, model, critic, to_device(part.share, device), tokens,
                                           device, scale, o, iql_cfg, dist)
             # Logged per-epoch means weight each term by its share, so they match one process's.
             for parts in logged:

@@ -6,12 +6,14 @@ image towards its own caption and away from the others in the batch, with a lear
 identical captions in a batch all count as positives. Held-out recall@1/@5 in both directions is
 reported beside the chance level, over all val pairs and per source.
 
-Under ``torchrun --nproc-per-node N -m stages.pretrain`` every rank reads the same global batch and
-embeds its share; the embeddings are gathered with their gradients, so the loss, its negatives and its
-positives mask are the global batch's on every rank, and rank 0 alone writes. ``pretrain.grad_accum_steps``
-> 1 embeds a rank's share in micro-batches and still takes the loss over the whole batch (a gradient
-cache: the embeddings first without a graph, then each micro-batch again, back-propagating its slice of
-the embeddings' gradient), because in-batch negatives make the loss no sum over micro-batches.
+Under ``torchrun --nproc-per-node N -m stages.pretrain`` every rank walks the same globally shuffled
+batches (same seed), its loader building only its own share of each (and the global batch's captions,
+by index); it embeds its share, the embeddings are gathered with their gradients, so the loss, its
+negatives and its positives mask are the global batch's on every rank, and rank 0 alone writes.
+``pretrain.grad_accum_steps`` > 1 embeds a rank's share in micro-batches and still takes the loss over
+the whole batch (a gradient cache: the embeddings first without a graph, then each micro-batch again,
+back-propagating its slice of the embeddings' gradient), because in-batch negatives make the loss no
+sum over micro-batches.
 """
 from __future__ import annotations
 
@@ -159,7 +161,8 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
     p = cfg.pretrain
     sources = p.caption_sources
     train_ds = ShardedDataset(cfg.data.built, "train", shuffle=True, seed=cfg.seed, sources=sources)
-    loader = make_loader(train_ds, p.batch_size, cfg.data.num_workers, pin_memory=device.startswith("cuda"))
+    loader = make_loader(train_ds, p.batch_size, cfg.data.num_workers, pin_memory=device.startswith("cuda"),
+                         rank=dist.rank, world_size=dist.world_size, captions=True)
     val = load_split_arrays(cfg.data.built, "val", sources=sources, keys=("images", "captions"))
 
     model = load_or_init(cfg, upstream=None).to(device)
@@ -183,14 +186,14 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
         train_ds.set_epoch(epoch)
         losses = []
         bar = tqdm(loader, desc=f"pretrain epoch {epoch + 1}/{p.epochs}", unit="batch",
-                   total=-(-len(train_ds) // p.batch_size), disable=not dist.is_main)
-        for batch in bar:
-            # Every rank reads the same global batch (same seed); the loss sees all of its captions.
-            caps = batch["caption"]
-            if len(caps) < 2:
+                   total=len(loader), disable=not dist.is_main)
+        for part in bar:
+            # Every rank walks the same global batches (same seed) and holds its own share of this one;
+            # the loss sees all of the global batch's captions.
+            if part.size < 2:
                 continue
             optim.zero_grad(set_to_none=True)
-            loss = contrastive_step(model, embed, to_device(dist.split(batch), device), caps, tokens, device,
+            loss = contrastive_step(model, embed, to_device(part.share, device), part.captions, tokens, device,
                                     dist, p.grad_accum_steps)
             dist.average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)

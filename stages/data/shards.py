@@ -20,22 +20,24 @@ Arrays of a shard (n samples, M agent rows):
 
 `ShardedDataset` streams shards (shard order and sample order within a shard shuffled per epoch,
 deterministically from the seed and the epoch, so a resumed run sees the same order); DataLoader
-workers split the shards between them. `load_split_arrays` reads a whole split into memory (evaluation).
+workers split the shards between them. `make_loader` cuts the stream into global batches and, under
+``torchrun``, builds only this rank's share of each (`RankBatches`). `load_split_arrays` reads a whole
+split into memory (evaluation).
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from stages.accel import share_bounds
 from stages.common import write_json
 from stages.data.dataset import DatasetError
 
@@ -222,6 +224,23 @@ def _sample(z: dict[str, np.ndarray], i: int, with_next: bool) -> dict[str, Any]
     return out
 
 
+def _empty_batch(z: dict[str, np.ndarray], with_next: bool) -> dict[str, Any]:
+    """A collated batch of no samples: `_sample`'s keys, in its order, with `collate`'s types and the
+    shard's shapes (a rank's share of a global batch smaller than the world)."""
+    flag, number = torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.get_default_dtype())
+    out: dict[str, Any] = {
+        "image": torch.from_numpy(z["images"][:0]), "state": torch.from_numpy(z["states"][:0]),
+        "action": torch.from_numpy(z["actions"][:0]), "expert_action": torch.from_numpy(z["expert_actions"][:0]),
+        "action_valid": flag, "reward": number, "terminated": flag.clone(),
+        "trajectory": torch.from_numpy(z["trajectories"][:0]), "traj_valid": flag.clone(),
+        "perturbed": flag.clone(), "command": [], "caption": [],
+    }
+    if with_next:
+        out.update({"has_next": flag.clone(), "next_image": torch.from_numpy(z["images"][:0]),
+                    "next_state": torch.from_numpy(z["states"][:0]), "next_command": []})
+    return out
+
+
 class ShardedDataset(IterableDataset):
     """Samples of one split streamed shard by shard; see the module docstring.
 
@@ -241,12 +260,28 @@ class ShardedDataset(IterableDataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        key = "transitions" if self.only_transitions else "samples"
-        return sum(s[key] for s in self.shards)
+        return sum(self._shard_sizes())
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(len(self.shards)) if self.shuffle else np.arange(len(self.shards))
+    def _shard_sizes(self) -> list[int]:
+        key = "transitions" if self.only_transitions else "samples"
+        return [s[key] for s in self.shards]
+
+    def shard_order(self) -> np.ndarray:
+        """This epoch's order of the shards (indices into ``shards``)."""
+        if not self.shuffle:
+            return np.arange(len(self.shards))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+
+    def worker_sizes(self, num_workers: int) -> list[int]:
+        """Samples each of ``num_workers`` DataLoader workers streams this epoch (one stream when 0):
+        worker w takes every ``num_workers``-th shard of `shard_order`, from the w-th."""
+        sizes = np.asarray(self._shard_sizes())[self.shard_order()]
+        return [int(sizes[w::max(num_workers, 1)].sum()) for w in range(max(num_workers, 1))]
+
+    def positions(self) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        """``(shard arrays, sample index)`` of each sample of this process's stream (this DataLoader
+        worker's shards), in the order `__iter__` yields them, without building the samples."""
+        order = self.shard_order()
         worker = get_worker_info()
         if worker is not None:
             order = order[worker.id::worker.num_workers]
@@ -258,7 +293,11 @@ class ShardedDataset(IterableDataset):
             if self.shuffle:
                 idx = np.random.default_rng([self.seed, self.epoch, int(k)]).permutation(idx)
             for i in idx:
-                yield _sample(z, int(i), self.with_next)
+                yield z, int(i)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for z, i in self.positions():
+            yield _sample(z, i, self.with_next)
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -275,25 +314,99 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class RankBatch(NamedTuple):
+    """One global batch as one rank of a data-parallel job sees it."""
+
+    share: dict[str, Any]           # this rank's contiguous share, collated (tensors of length 0 when it has none)
+    size: int                       # samples in the whole global batch (the same on every rank)
+    captions: list[str] | None      # the whole global batch's captions, where asked for (contrastive positives)
+
+
+class RankBatches(IterableDataset):
+    """The global batches of ``dataset``, of which this rank builds and collates only its own share.
+
+    Global batches are cut from the sample stream as ``DataLoader(dataset, batch_size)`` cuts them:
+    ``batch_size`` consecutive samples, the last one of a stream partial; with DataLoader workers each
+    worker cuts its own stream (its shards), and the DataLoader hands out one item per worker in turn,
+    skipping a worker once it is exhausted. That order is deterministic (it depends only on how many
+    items each worker yields), so every rank, with the same seed and workers, sees the same sequence of
+    global batches as a one-process run. Of each, rank r gets ``[lo, hi)`` by `share_bounds` (the
+    rule of `Distributed.split`); samples outside it are skipped by index before `_sample` builds
+    their tensors. A rank whose share is empty (a global batch smaller than the world) still yields
+    an item, an empty batch: every worker of every rank then yields as many items, which keeps the
+    interleaving, and so the global batches, the same on every rank, and every rank takes each step.
+
+    Each rank still reads and decompresses every shard of its stream. That is fine: a shard holds
+    whole episodes (a next state is always in the same shard) and many global batches, and every
+    global batch of at least ``world_size`` samples gives every rank some, so each rank needs nearly
+    every shard anyway. ``captions`` adds the whole global batch's captions, read by index (strings,
+    no tensors). With ``world_size`` 1 the shares are the global batches, as the DataLoader cut them.
+    """
+
+    def __init__(self, dataset: ShardedDataset, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, captions: bool = False):
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size=} {rank=} "
+                             f"{world_size=}")
+        self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
+        self.num_workers, self.captions = num_workers, captions
+
+    def __len__(self) -> int:
+        """Global batches this epoch (what the DataLoader yields, and a progress bar's total)."""
+        return batches_per_epoch(self.dataset, self.batch_size, self.num_workers)
+
+    def __iter__(self) -> Iterator[RankBatch]:
+        pending: list[tuple[dict[str, np.ndarray], int]] = []
+        for position in self.dataset.positions():
+            pending.append(position)
+            if len(pending) == self.batch_size:
+                yield self._share(pending)
+                pending = []
+        if pending:
+            yield self._share(pending)
+
+    def _share(self, positions: list[tuple[dict[str, np.ndarray], int]]) -> RankBatch:
+        lo, hi = share_bounds(len(positions), self.rank, self.world_size)
+        with_next = self.dataset.with_next
+        if hi > lo:
+            share = collate([_sample(z, i, with_next) for z, i in positions[lo:hi]])
+        else:
+            share = _empty_batch(positions[0][0], with_next)
+        captions = [str(z["captions"][i]) for z, i in positions] if self.captions else None
+        return RankBatch(share, len(positions), captions)
+
+
+def _unchanged(item: RankBatch) -> RankBatch:
+    return item
+
+
 def make_loader(dataset: ShardedDataset, batch_size: int, num_workers: int = 0,
-                pin_memory: bool | None = None) -> DataLoader:
-    """A DataLoader over ``dataset``; workers split the shards (each worker makes its own batches).
+                pin_memory: bool | None = None, *, rank: int = 0, world_size: int = 1,
+                captions: bool = False) -> DataLoader:
+    """A DataLoader of `RankBatch` items: for each global batch of ``batch_size`` samples of ``dataset``,
+    this rank's share (see `RankBatches`); workers split the shards (each cuts its own global batches).
+    ``len()`` of the loader is the number of global batches this epoch (after ``set_epoch``).
 
     ``pin_memory`` (default: whether CUDA is available) puts batches in page-locked memory, so the
     copy to the GPU can overlap compute (``non_blocking``)."""
     workers = min(num_workers, len(dataset.shards))
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
+    batches = RankBatches(dataset, batch_size, rank, world_size, workers, captions)
     # forkserver, not fork: the caller may already run threads (a Prefect API server, a progress
     # bar's monitor), and a fork of a threaded process can leave a worker holding a lock forever.
     # Workers are not persistent: each keeps its own copy of the dataset, and the epoch that
     # `ShardedDataset.set_epoch` sets (the shuffle order) would never reach a worker started before it.
     # Each worker keeps a few batches ready (decompressing a shard is the slow part).
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                      persistent_workers=False, drop_last=False, pin_memory=pin_memory,
+    # batch_size=None: `RankBatches` already yields collated batches.
+    return DataLoader(batches, batch_size=None, num_workers=workers, collate_fn=_unchanged,
+                      persistent_workers=False, pin_memory=pin_memory,
                       prefetch_factor=4 if workers else None,
                       multiprocessing_context="forkserver" if workers else None)
 
 
-def batches_per_epoch(dataset: ShardedDataset, batch_size: int) -> int:
-    return math.ceil(len(dataset) / batch_size)
+def batches_per_epoch(dataset: ShardedDataset, batch_size: int, num_workers: int = 0) -> int:
+    """Global batches of ``batch_size`` in this epoch: each DataLoader worker's stream ends in its own
+    partial batch, so with workers this can exceed ``ceil(len(dataset) / batch_size)``."""
+    workers = min(num_workers, len(dataset.shards))
+    return sum(-(-n // batch_size) for n in dataset.worker_sizes(workers))

@@ -12,7 +12,8 @@ import torch
 from stages.data.build import build_dataset, resample_trajectory, write_sim_as_nuscenes
 from stages.data.dataset import DatasetError
 from stages.data.recorder import Episode, future_agent_boxes
-from stages.data.shards import (ShardedDataset, ShardWriter, load_split_arrays, make_loader, read_manifest,
+from stages.data import shards as shards_module
+from stages.data.shards import (ShardedDataset, ShardWriter, collate, load_split_arrays, make_loader, read_manifest,
                                 write_manifest)
 from stages.common import write_json
 
@@ -72,14 +73,93 @@ def test_loader_with_workers_yields_every_sample_once_in_a_seeded_order(shard_ro
     orders = []
     for epoch in (0, 0, 1):
         ds.set_epoch(epoch)
-        ids = torch.cat([b["state"][:, 1] for b in make_loader(ds, batch_size=4, num_workers=2)]).tolist()
+        ids = torch.cat([b.share["state"][:, 1] for b in make_loader(ds, batch_size=4, num_workers=2)]).tolist()
         assert sorted(ids) == sorted(load_split_arrays(shard_root, "train").states[:, 1].tolist())
         orders.append(ids)
     assert orders[0] == orders[1] and orders[0] != orders[2]
-    batch = next(iter(make_loader(ds, batch_size=25, num_workers=0)))
+    batch = next(iter(make_loader(ds, batch_size=25, num_workers=0))).share
     nxt = batch["next_state"][batch["has_next"]][:, 1]
     np.testing.assert_array_equal(nxt.numpy(), batch["state"][batch["has_next"]][:, 1].numpy() + 1)
     assert len(ShardedDataset(shard_root, "train", only_transitions=True)) == 21
+
+
+def _loader_before_rank_shares(ds: ShardedDataset, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+    """The loader every rank used to read whole global batches from (then cut by `Distributed.split`)."""
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                                       multiprocessing_context="forkserver" if num_workers else None)
+
+
+def _assert_same_batch(got: dict, want: dict) -> None:
+    assert list(got) == list(want)
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+        else:
+            assert got[key] == value, key
+
+
+def _shares_make_the_global_batches(ds: ShardedDataset, batch_size: int, num_workers: int) -> None:
+    """For world sizes 1, 2, 3: each global batch's shares, in rank order, are the one-process batch."""
+    want = list(_loader_before_rank_shares(ds, batch_size, num_workers))
+    for world in (1, 2, 3):
+        loaders = [make_loader(ds, batch_size, num_workers, rank=r, world_size=world, captions=True)
+                   for r in range(world)]
+        per_rank = [list(loader) for loader in loaders]
+        for loader, items in zip(loaders, per_rank):
+            assert len(loader) == len(items) == len(want)       # a progress bar's total
+        for b, batch in enumerate(want):
+            parts = [items[b] for items in per_rank]
+            n = len(batch["caption"])
+            assert [p.size for p in parts] == [n] * world
+            assert all(p.captions == batch["caption"] for p in parts)
+            sizes = [len(p.share["caption"]) for p in parts]
+            assert sizes == [n // world] * (world - 1) + [n - (world - 1) * (n // world)]
+            for p in parts:       # an empty share still has every key, dtype and trailing shape
+                assert list(p.share) == list(batch)
+                for key, value in batch.items():
+                    if isinstance(value, torch.Tensor):
+                        assert p.share[key].dtype == value.dtype and p.share[key].shape[1:] == value.shape[1:]
+            union = {k: torch.cat([p.share[k] for p in parts]) if isinstance(v, torch.Tensor)
+                     else sum((p.share[k] for p in parts), []) for k, v in batch.items()}
+            _assert_same_batch(union, batch)
+            if world == 1:
+                _assert_same_batch(parts[0].share, batch)
+
+
+@pytest.mark.parametrize("batch_size", [4, 7])
+def test_rank_shares_concatenate_to_the_one_process_batches(shard_root, batch_size):
+    # 25 samples: 6 x 4 + 1 (a last batch smaller than the world) or 3 x 7 + 4 (shares 1, 1, 2 of 3).
+    ds = ShardedDataset(shard_root, "train", shuffle=True, seed=5, with_next=True)
+    ds.set_epoch(1)
+    _shares_make_the_global_batches(ds, batch_size, num_workers=0)
+
+
+def test_rank_shares_concatenate_to_the_one_process_batches_with_workers(shard_root):
+    # Two workers, one shard each (12 and 13 samples): each cuts its own batches, 5 5 2 and 5 5 3,
+    # interleaved by the DataLoader: 6 global batches where ceil(25 / 5) would say 5.
+    ds = ShardedDataset(shard_root, "train", shuffle=True, seed=5, with_next=True)
+    assert len(make_loader(ds, 5, num_workers=2)) == 6
+    _shares_make_the_global_batches(ds, batch_size=5, num_workers=2)
+
+
+def test_a_rank_builds_only_the_samples_of_its_share(shard_root, monkeypatch):
+    built: list[float] = []
+    sample = shards_module._sample
+
+    def counted(z, i, with_next):
+        built.append(float(z["states"][i, 1]))
+        return sample(z, i, with_next)
+
+    monkeypatch.setattr(shards_module, "_sample", counted)
+    ds = ShardedDataset(shard_root, "train", shuffle=True, seed=2, with_next=True)
+    everyone = []
+    # 25 samples in batches of 7, 7, 7, 4 over 3 ranks: shares 2 2 3, three times, then 1 1 2.
+    for rank, expected in zip(range(3), (7, 7, 11)):
+        built.clear()
+        ids = sum((p.share["state"][:, 1].tolist() for p in make_loader(ds, 7, rank=rank, world_size=3)), [])
+        assert built == ids and len(built) == expected     # its own samples only, each built once
+        everyone += built
+    assert sorted(everyone) == sorted(load_split_arrays(shard_root, "train").states[:, 1].tolist())
 
 
 def test_a_corrupt_shard_is_named(shard_root):
