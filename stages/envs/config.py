@@ -24,6 +24,10 @@ class RewardConfig(BaseModel):
     lane_weight: float = Field(0.5, ge=0, description="weight of the lane-keeping term")
     collision_penalty: float = Field(10.0, ge=0, description="subtracted on a step with a collision")
     comfort_weight: float = Field(0.3, ge=0, description="weight of the smoothness term")
+    # Not in the seed's formula: there, leaving the road ends the episode at no cost beyond the lost
+    # future reward, so a policy learns to swerve off the road rather than risk a collision's penalty.
+    off_road_penalty: float = Field(0.0, ge=0, description="subtracted on the step that ends the episode off "
+                                                            "the road or route (0: the seed's reward)")
     target_speed: float = Field(8.33, gt=0, le=60, description="speed the speed term rewards, m/s")
 
 

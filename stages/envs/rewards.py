@@ -16,6 +16,7 @@ from stages.envs.config import RewardConfig
 from stages.envs.spaces import clip_action
 
 RewardLike = RewardConfig | Mapping[str, Any] | None
+OFF_ROAD_REASONS = ("off_road", "off_route")  # the ``done_reason`` values `off_road_penalty` prices
 
 
 def as_reward_config(config: RewardLike, base: RewardConfig | None = None) -> RewardConfig:
@@ -50,6 +51,9 @@ def reward_terms(action: np.ndarray, info: Mapping[str, Any], config: RewardConf
     # Collision penalty
     collision = -config.collision_penalty if info.get("collision", False) else 0.0
 
+    # Leaving the road (or, in CARLA, the route) ends the episode: priced like a collision when asked.
+    off_road = -config.off_road_penalty if info.get("done_reason") in OFF_ROAD_REASONS else 0.0
+
     # Comfort reward (smooth steering/acceleration): action = [throttle, steer, brake]
     steering = abs(float(action[1]))
     acceleration = abs(float(action[0]) - float(action[2]))
@@ -59,6 +63,7 @@ def reward_terms(action: np.ndarray, info: Mapping[str, Any], config: RewardConf
         "speed": speed_reward * config.speed_weight,
         "lane": lane_reward * config.lane_weight,
         "collision": collision,
+        "off_road": off_road,
         "comfort": comfort_reward * config.comfort_weight,
     }
 
@@ -67,7 +72,8 @@ def compute_driving_reward(env: Any, action: np.ndarray, info: Mapping[str, Any]
                            config: RewardLike = None) -> float:
     """Compute reward for autonomous driving (the seed's formula).
 
-    Components: speed (track ``target_speed``), lane keeping, collision penalty, comfort.
+    Components: speed (track ``target_speed``), lane keeping, collision penalty, comfort, and an
+    off-road penalty that is 0 (absent) unless the config sets it.
     ``config`` None means the env's own reward config when it has one, else the seed's constants.
     """
     cfg = as_reward_config(config, base=env_reward_config(env) if env is not None else None)
@@ -92,6 +98,7 @@ class CARLARewardWrapper(gym.Wrapper):
         self.lane_weight = self.reward_config.lane_weight
         self.collision_penalty = self.reward_config.collision_penalty
         self.comfort_weight = self.reward_config.comfort_weight
+        self.off_road_penalty = self.reward_config.off_road_penalty
         self.target_speed = self.reward_config.target_speed
 
     def step(self, action: np.ndarray) -> tuple[Any, float, bool, bool, dict[str, Any]]:
@@ -107,6 +114,6 @@ class CARLARewardWrapper(gym.Wrapper):
         # The attributes win over the stored config so that `wrapper.target_speed = x` takes effect.
         cfg = RewardConfig(speed_weight=self.speed_weight, lane_weight=self.lane_weight,
                            collision_penalty=self.collision_penalty, comfort_weight=self.comfort_weight,
-                           target_speed=self.target_speed)
+                           off_road_penalty=self.off_road_penalty, target_speed=self.target_speed)
         # Score the action the env applied (clipped to the action bounds), as the env itself does.
         return compute_driving_reward(self.env, clip_action(action), info, cfg)
