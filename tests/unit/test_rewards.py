@@ -48,6 +48,7 @@ CASES = [
     ({"velocity": [30.0, 0.0, 0.0], "lane_deviation": 3.0}, [0.0, 0.0, 1.0]),                     # far above, off lane
     ({"velocity": [8.0, 0.0, 0.0], "collision": True}, [0.0, 1.0, 0.6]),                          # collision
     ({}, [1.0, -1.0, 0.0]),                                                                       # empty info
+    ({"velocity": [8.0, 0.0, 0.0], "done_reason": "off_road"}, [0.5, 1.0, 0.0]),                  # off the road
 ]
 
 
@@ -60,7 +61,7 @@ def test_default_config_is_exactly_the_seed_formula(info, action):
 def test_reward_terms_by_hand():
     cfg = RewardConfig()
     at_target = reward_terms(np.zeros(3), {"velocity": [8.33, 0, 0]}, cfg)
-    assert at_target == pytest.approx({"speed": 1.0, "lane": 0.5, "collision": 0.0, "comfort": 0.3})
+    assert at_target == pytest.approx({"speed": 1.0, "lane": 0.5, "collision": 0.0, "off_road": 0.0, "comfort": 0.3})
     # Twice the target speed earns nothing; half of it earns half.
     assert reward_terms(np.zeros(3), {"velocity": [16.66, 0, 0]}, cfg)["speed"] == pytest.approx(0.0)
     assert reward_terms(np.zeros(3), {"velocity": [0, 4.165, 0]}, cfg)["speed"] == pytest.approx(0.5)
@@ -82,6 +83,33 @@ def test_weights_come_from_the_config():
     # A partial dict keeps the other (seed) values.
     partial = compute_driving_reward(None, action, info, {"collision_penalty": 50.0})
     assert partial == pytest.approx(seed_reward(None, action, info) - 40.0)
+
+
+def test_off_road_penalty_prices_the_step_that_leaves_the_road():
+    priced = RewardConfig(off_road_penalty=10.0)
+    for reason in ("off_road", "off_route"):
+        assert reward_terms(np.zeros(3), {"done_reason": reason}, priced)["off_road"] == -10.0
+    for reason in ("", "collision", "route_completed", "time_limit"):
+        assert reward_terms(np.zeros(3), {"done_reason": reason}, priced)["off_road"] == 0.0
+    # The seed's reward (the default) has no such term.
+    assert reward_terms(np.zeros(3), {"done_reason": "off_road"}, RewardConfig())["off_road"] == 0.0
+
+
+def test_an_env_that_drives_off_the_road_pays_its_off_road_penalty():
+    cfg = EnvConfig(scenario="highway", image_size=32, vehicles_count=0,
+                    reward=RewardConfig(off_road_penalty=7.0))
+    env = make_env(cfg, seed=0)
+    env.reset(seed=0)
+    action = np.array([1.0, 1.0, 0.0], dtype=np.float32)     # full throttle, full right: off the road
+    for _ in range(cfg.max_episode_steps):
+        _, reward, terminated, truncated, info = env.step(action)
+        if terminated or truncated:
+            break
+    env.close()
+    assert info["done_reason"] == "off_road"
+    seed_part = compute_driving_reward(None, action, info, env.unwrapped.reward_config.model_copy(
+        update={"off_road_penalty": 0.0}))
+    assert reward == pytest.approx(seed_part - 7.0)
 
 
 def test_bad_reward_config_names_the_field():
