@@ -45,6 +45,7 @@ RUN_DIR = Path("runs") / "online"
 
 def evaluate(model: Any, env: Any, episodes: int, seed: int, device: str) -> dict[str, Any]:
     """Deterministic episodes on seeds ``seed, seed + 1, …``: means and standard errors."""
+    from stages.envs.rewards import OFF_ROAD_REASONS
     from stages.rl.evaluation import rollout_policy, torch_threads
 
     with torch_threads(1 if str(device).startswith("cpu") else None):
@@ -55,6 +56,10 @@ def evaluate(model: Any, env: Any, episodes: int, seed: int, device: str) -> dic
     for key, values in (("route_completion", [r["route_completion"] for r in runs]),
                         ("episode_return", [r["return"] for r in runs]),
                         ("collision_rate", [float(r["collision"]) for r in runs]),
+                        # How episodes end says what fine-tuning traded: fewer crashes for more
+                        # departures from the road is not the same gain as fewer crashes alone.
+                        ("off_road_rate", [float(r["done_reason"] in OFF_ROAD_REASONS) for r in runs]),
+                        ("route_completed_rate", [float(r["done_reason"] == "route_completed") for r in runs]),
                         ("mean_speed", [r.get("mean_speed", 0.0) for r in runs]),
                         ("episode_steps", [r["steps"] for r in runs])):
         arr = np.asarray(values, dtype=np.float64)

@@ -65,7 +65,8 @@ def test_offline(cfg, workdir):
 def test_online(cfg, workdir):
     from stages.online import run
 
-    m = run(cfg)["metrics"]
+    # Two held-out episodes per side, so the paired error of the gain exists.
+    m = run(cfg.model_copy(update={"online": cfg.online.model_copy(update={"eval_episodes": 2})}))["metrics"]
     assert m["timesteps"] >= cfg.online.total_timesteps
     assert 0.0 <= m["after_route_completion"] <= 1.0
     assert (workdir / "checkpoints/online/model.safetensors").exists()
@@ -74,6 +75,10 @@ def test_online(cfg, workdir):
     assert m["route_completion_gain_stderr"] >= 0.0
     assert m["episodes_improved"] + m["episodes_worsened"] <= cfg.online.eval_episodes
     assert "before_route_completion_per_episode" not in m
+    # How the episodes ended: each ends one way at most.
+    for side in ("before", "after"):
+        rates = [m[f"{side}_{k}"] for k in ("collision_rate", "off_road_rate", "route_completed_rate")]
+        assert all(0.0 <= r <= 1.0 for r in rates) and sum(rates) <= 1.0 + 1e-9
 
 
 def test_export(cfg, workdir):
