@@ -55,6 +55,8 @@ class DrivingVLAConfig(BaseModel):
     embed_dim: int = Field(512, ge=1, description="contrastive (CLIP-style) embedding size")
     policy: Literal["squashed_gaussian", "beta"] = "squashed_gaussian"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    critic_fusion: bool = Field(False, description="the value head reads a fusion transformer of its own, so "
+                                                   "fitting the critic does not move the policy")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> DrivingVLAConfig:

@@ -14,6 +14,7 @@ shapes, so ``torch.export`` and ``torch.onnx.export(dynamo=True)`` accept a dyna
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -170,6 +171,11 @@ class DrivingVLA(nn.Module):
         # path reaches is set by the speed, which one state token among many in the fusion blurs.
         self.trajectory_head = MLP(dim + cfg.state_dim, dim, 2 * cfg.trajectory_length)
         self.value_head = MLP(dim, dim, 1)
+        # An optional fusion of the critic's own (see `add_critic_fusion`); None: the value head reads
+        # the policy's features.
+        self.critic_fusion: TransformerEncoder | None = (
+            TransformerEncoder(dim, cfg.fusion_layers, cfg.num_heads, cfg.mlp_ratio, cfg.dropout)
+            if cfg.critic_fusion else None)
 
         # Contrastive (CLIP-style) projections and temperature.
         self.image_projection = nn.Linear(dim, cfg.embed_dim, bias=False)
@@ -200,22 +206,45 @@ class DrivingVLA(nn.Module):
 
     # ------------------------------------------------------------------ encoders
 
-    def compute_features(self, image: Tensor, state: Tensor, tokens: Tensor) -> Tensor:
-        """Fused observation features ``[B, hidden_dim]`` (what all heads read)."""
-        _, vision_tokens = self.vision(image)
-        text_token = self.text(tokens).unsqueeze(1)
-        state_token = self.state_encoder(state.to(self.readout_token.dtype)).unsqueeze(1)
+    def fusion_sequence(self, vision_tokens: Tensor, text_features: Tensor, state: Tensor) -> Tensor:
+        """The fusion transformer's input ``[B, 1 + P + 2, hidden_dim]``: the readout token, then the
+        vision, text and state tokens, each with its type embedding."""
+        dtype = self.readout_token.dtype
+        state_token = self.state_encoder(state.to(dtype)).unsqueeze(1)
         batch = vision_tokens.shape[0]
-        seq = torch.cat(
+        return torch.cat(
             [
                 self.readout_token.expand(batch, -1, -1) + self.type_embed[0],
-                vision_tokens + self.type_embed[1],
-                text_token + self.type_embed[2],
+                vision_tokens.to(dtype) + self.type_embed[1],
+                text_features.to(dtype).unsqueeze(1) + self.type_embed[2],
                 state_token + self.type_embed[3],
             ],
             dim=1,
         )
-        return self.fusion(seq)[:, 0]
+
+    def compute_features(self, image: Tensor, state: Tensor, tokens: Tensor) -> Tensor:
+        """Fused observation features ``[B, hidden_dim]`` (what the policy and trajectory heads read)."""
+        _, vision_tokens = self.vision(image)
+        return self.fusion(self.fusion_sequence(vision_tokens, self.text(tokens), state))[:, 0]
+
+    def critic_value(self, sequence: Tensor, features: Tensor) -> Tensor:
+        """``V [B]``: the value head over the policy's ``features``, or over the critic's own fusion
+        of ``sequence`` when the model has one."""
+        if self.critic_fusion is not None:
+            features = self.critic_fusion(sequence)[:, 0]
+        return self.value_head(features).squeeze(-1)
+
+    @torch.no_grad()
+    def add_critic_fusion(self) -> None:
+        """Give the value head a fusion transformer of its own, starting as a copy of the policy's.
+
+        With one shared fusion, every step that fits the critic also moves the policy; a fine-tuning
+        run that starts from an imitation checkpoint (whose critic does not know the online reward)
+        then either moves the policy on noise or fits only the value head, which learns the returns'
+        mean but not what tells a good state from a bad one. A no-op when the model has one already."""
+        if self.critic_fusion is None:
+            self.critic_fusion = copy.deepcopy(self.fusion)
+            self.config.critic_fusion = True
 
     def encode_image(self, image: Tensor) -> Tensor:
         """L2-normalised image embedding ``[B, embed_dim]`` (mean of the cameras' CLS tokens)."""
@@ -280,11 +309,13 @@ class DrivingVLA(nn.Module):
         return offsets.cumsum(dim=1) + self.trajectory_prior(state).to(offsets.dtype)
 
     def forward(self, image: Tensor, state: Tensor, tokens: Tensor) -> DrivingVLAOutput:
-        features = self.compute_features(image, state, tokens)
+        _, vision_tokens = self.vision(image)
+        sequence = self.fusion_sequence(vision_tokens, self.text(tokens), state)
+        features = self.fusion(sequence)[:, 0]
         return DrivingVLAOutput(
             action_params=self.policy_params(features),
             trajectory=self.predict_trajectory(features, state),
-            value=self.value_head(features).squeeze(-1),
+            value=self.critic_value(sequence, features),
             features=features,
         )
 

@@ -35,6 +35,9 @@ class PPOConfig(_Strict):
                              "from imitation comes with a value head that does not know the online "
                              "reward, and advantages from it would only add noise to the policy")
     freeze_encoders: bool = Field(False, description="train only fusion and heads, not the vision/text encoders")
+    critic_fusion: bool = Field(
+        False, description="give the value head a fusion transformer of its own, copied from the policy's "
+                           "(DrivingVLA.add_critic_fusion), so the critic warm-up can fit it without moving the policy")
     compile: bool | None = Field(None, description="torch.compile the update's forward and backward; None: on "
                                                    "for CUDA, off on CPU")
     init_log_std: float | None = Field(

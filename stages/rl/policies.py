@@ -186,8 +186,8 @@ class EncodedDrivingAdapter(DrivingObsAdapter):
 class EncodedDrivingPolicy(nn.Module):
     """`DrivingVLA`'s RL interface over pre-encoded inputs ``(vision_tokens, text_features, state)``.
 
-    It shares the model's parameters (no copy) and repeats ``DrivingVLA.compute_features`` from
-    the point where the encoders' outputs enter the fusion sequence.
+    It shares the model's parameters (no copy) and goes on from where the encoders' outputs enter
+    the fusion sequence (`DrivingVLA.fusion_sequence`), with the model's own critic (`critic_value`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -195,19 +195,13 @@ class EncodedDrivingPolicy(nn.Module):
         self.model = model
 
     def compute_features(self, vision_tokens: Tensor, text_features: Tensor, state: Tensor) -> Tensor:
-        m = self.model
-        dtype = m.readout_token.dtype
-        state_token = m.state_encoder(state.to(dtype)).unsqueeze(1)
-        batch = vision_tokens.shape[0]
-        seq = torch.cat([m.readout_token.expand(batch, -1, -1) + m.type_embed[0],
-                         vision_tokens.to(dtype) + m.type_embed[1],
-                         text_features.to(dtype).unsqueeze(1) + m.type_embed[2],
-                         state_token + m.type_embed[3]], dim=1)
-        return m.fusion(seq)[:, 0]
+        return self.model.fusion(self.model.fusion_sequence(vision_tokens, text_features, state))[:, 0]
 
     def forward(self, vision_tokens: Tensor, text_features: Tensor, state: Tensor) -> ActorCriticOutput:
-        features = self.compute_features(vision_tokens, text_features, state)
-        return ActorCriticOutput(self.model.policy_params(features), self.model.value_head(features).squeeze(-1))
+        m = self.model
+        sequence = m.fusion_sequence(vision_tokens, text_features, state)
+        features = m.fusion(sequence)[:, 0]
+        return ActorCriticOutput(m.policy_params(features), m.critic_value(sequence, features))
 
     def act(self, vision_tokens: Tensor, text_features: Tensor, state: Tensor,
             deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor]:

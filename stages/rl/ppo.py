@@ -57,6 +57,9 @@ from stages.rl.policies import ObsAdapter, make_obs_adapter
 from stages.rl.vector import as_vector_env, final_obs, final_values, vector_env_from_fns
 from stages.training import ENCODER_PREFIXES
 
+# What the critic warm-up trains: the value head and, where the model has one, the critic's fusion.
+CRITIC_PREFIXES = ("value_head", "critic_fusion")
+
 log = logging.getLogger(__name__)
 
 __all__ = ["PPOConfig", "PPOTrainer", "rank_seed"]
@@ -120,6 +123,10 @@ class PPOTrainer:
             log.info("ppo: config.num_envs=%d but the env has %d; using %d", cfg.num_envs, self.num_envs, self.num_envs)
         self.rollout_len = cfg.num_steps // self.num_envs
         self.action_dim = int(np.prod(act_space.shape))
+        if cfg.critic_fusion:  # before anything binds the model's modules
+            if not hasattr(self.model, "add_critic_fusion"):
+                raise ValueError(f"critic_fusion needs a DrivingVLA, not a {type(self.model).__name__}")
+            self.model.add_critic_fusion()
         # Frozen encoders: rollouts store the encoders' outputs, so updates skip the encoders.
         self.adapter: ObsAdapter = make_obs_adapter(self.model, obs_space, encoded=cfg.freeze_encoders)
         self.policy = self.adapter.policy(self.model)
@@ -136,7 +143,7 @@ class PPOTrainer:
                     frozen += p.numel()
             log.info("ppo: froze %d encoder parameters", frozen)
         self._non_value_params = [p for n, p in self.model.named_parameters()
-                                  if p.requires_grad and not n.startswith("value_head")]
+                                  if p.requires_grad and not n.startswith(CRITIC_PREFIXES)]
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
                                           lr=cfg.learning_rate, eps=1e-5)
         self.rng = np.random.default_rng(self.seed)

@@ -54,10 +54,15 @@ def test_adapter_is_chosen_by_observation_space():
         make_obs_adapter(model, gym.spaces.Discrete(3))
 
 
-def test_encoded_policy_equals_the_model_on_raw_observations():
+@pytest.mark.parametrize("critic_fusion", [False, True])
+def test_encoded_policy_equals_the_model_on_raw_observations(critic_fusion):
     """Frozen encoders: what the rollout stores (encoder outputs) gives the model's exact numbers."""
     torch.manual_seed(0)
     model = DrivingVLA(DrivingVLAConfig.from_size("tiny", image_size=32, max_text_length=48)).eval()
+    if critic_fusion:  # a critic of its own, made to differ from the policy's fusion
+        model.add_critic_fusion()
+        with torch.no_grad():
+            model.critic_fusion.norm.weight.mul_(2.0)
     rng = np.random.default_rng(0)
     obs = {"image": rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8),
            "state": rng.normal(size=(5, 8)).astype(np.float32),
@@ -204,6 +209,51 @@ def test_value_warmup_leaves_a_shared_trunk_alone():
     trainer.train(16)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
     assert changed and all(k.startswith("value_head") for k in changed)
+
+
+@pytest.mark.parametrize("freeze_encoders", [False, True])
+def test_critic_fusion_warmup_fits_the_critic_and_leaves_the_policy_exactly_alone(freeze_encoders):
+    torch.manual_seed(0)
+    model = DrivingVLA(DrivingVLAConfig.from_size("tiny", image_size=32, max_text_length=32))
+    env = FixedLatencyEnv(step_seconds=0.0, image_size=32, max_episode_steps=5)
+    cfg = PPOConfig(num_steps=16, batch_size=8, num_epochs=2, value_warmup_steps=16, critic_fusion=True,
+                    freeze_encoders=freeze_encoders)
+    trainer = PPOTrainer(model, env, cfg)
+    assert model.config.critic_fusion and model.critic_fusion is not None
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train(16)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    # The critic's own fusion trains with the value head; the policy's fusion stays as it was.
+    assert any(k.startswith("critic_fusion") for k in changed)
+    assert changed and all(k.startswith(("value_head", "critic_fusion")) for k in changed)
+    trainer.train(32)  # past the warm-up: the policy's fusion moves too
+    assert any(k.startswith("fusion") for k, v in model.state_dict().items() if not torch.equal(before[k], v))
+    env.close()
+
+
+def test_critic_fusion_starts_as_the_shared_one_and_is_saved(tmp_path):
+    torch.manual_seed(0)
+    model = DrivingVLA(DrivingVLAConfig.from_size("tiny", image_size=32, max_text_length=32)).eval()
+    inputs = (torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8), torch.randn(3, 8),
+              model.tokenize(["follow the lane", "stop", "turn left"]))
+    with torch.no_grad():
+        shared = model(*inputs)
+        model.add_critic_fusion()
+        model.add_critic_fusion()  # a no-op the second time
+        separate = model(*inputs)
+    # A copy of the policy's fusion: every output is unchanged at the start.
+    torch.testing.assert_close(separate.value, shared.value)
+    torch.testing.assert_close(separate.action_params[0], shared.action_params[0])
+    with torch.no_grad():
+        model.critic_fusion.norm.bias.add_(1.0)  # now it is the critic's own
+        moved = model(*inputs)
+    assert not torch.allclose(moved.value, shared.value)
+    torch.testing.assert_close(moved.action_params[0], shared.action_params[0])
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = DrivingVLA.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.critic_fusion
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*inputs).value, moved.value)
 
 
 def _one_update(compile: bool | None) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
