@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from stages.accel import Distributed, distributed
-from stages.common import resolve_device, seed_everything, stage_main, write_json
+from stages.common import StageInputError, resolve_device, seed_everything, stage_main, write_json
 from stages.config import PipelineConfig
 from stages.resume import fingerprint
 from stages.training import load_or_init, save_checkpoint
@@ -86,6 +86,21 @@ def paired_gain(before: dict[str, Any], after: dict[str, Any]) -> dict[str, floa
         out["episodes_improved"] = int((diff > 1e-9).sum())
         out["episodes_worsened"] = int((diff < -1e-9).sum())
     return out
+
+
+def offline_transitions(cfg: PipelineConfig) -> Any:
+    """The built dataset's train split, which seeds SAC's replay buffer (``online.sac.offline_ratio``
+    of every batch comes from it: offline-to-online)."""
+    from stages.data.shards import MANIFEST, load_split_arrays
+
+    built = Path(cfg.data.built)
+    if not (built / MANIFEST).is_file():
+        raise StageInputError(
+            f"online.sac.offline_ratio={cfg.online.sac.offline_ratio} draws from the built dataset, but "
+            f"{built} has none: run the data stage first (`drivevla pipeline`), or set online.sac.offline_ratio=0")
+    data = load_split_arrays(built, "train")
+    log.info("online: %d offline samples from %s seed the replay buffer", len(data.states), built)
+    return data
 
 
 def _digest(path: Path) -> str:
@@ -156,7 +171,9 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
             # Constructors, not a built vector env: each env then steps in its own process and gets its
             # next action as soon as its own step returns, while a learner thread updates.
             train_envs = env_fns(cfg.env, o.sac.num_envs, seed=train_seed, first_slot=first_slot)
-            trainer = SACTrainer(model, train_envs, o.sac, device=device, seed=cfg.seed, **sac_kwargs)
+            trainer = SACTrainer(model, train_envs, o.sac, device=device, seed=cfg.seed,
+                                 offline_data=offline_transitions(cfg) if o.sac.offline_ratio > 0 else None,
+                                 **sac_kwargs)
         else:
             from stages.rl.ppo import PPOTrainer
 

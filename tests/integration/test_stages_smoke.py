@@ -105,3 +105,31 @@ def test_online_sac_from_a_given_checkpoint(cfg, workdir, caplog):
     assert any("loaded DrivingVLA from checkpoints/pretrain" in r.getMessage() for r in caplog.records)
     assert m["timesteps"] >= sac.online.total_timesteps
     assert (workdir / "checkpoints/online-sac/model.safetensors").exists()
+
+
+def test_online_sac_seeds_its_replay_buffer_with_the_built_dataset(cfg, workdir, monkeypatch):
+    """`online.sac.offline_ratio` > 0: the stage hands the built dataset's train split to SAC, whose
+    replay buffer then holds its transitions (offline-to-online); a missing dataset is a clear error."""
+    from stages.common import StageInputError
+    from stages.config import build_config
+    from stages.data.shards import load_split_arrays
+    from stages.online import offline_transitions, run
+    from stages.rl import sac as sac_module
+
+    sac = build_config(preset="smoke", overrides=["online.algo=sac", "online.sac.offline_ratio=0.5",
+                                                  "online.out=checkpoints/online-sac-offline"])
+    seen = {}
+    original = sac_module.SACTrainer.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen["offline_rows"] = self.buffer.offline_size
+        seen["given"] = kwargs.get("offline_data")
+
+    monkeypatch.setattr(sac_module.SACTrainer, "__init__", spy)
+    run(sac)
+    train = load_split_arrays(sac.data.built, "train")
+    assert seen["given"] is not None and len(seen["given"].states) == len(train.states)
+    assert 0 < seen["offline_rows"] <= len(train.states)
+    with pytest.raises(StageInputError, match="run the data stage first"):
+        offline_transitions(sac.model_copy(update={"data": sac.data.model_copy(update={"built": "data/none"})}))
