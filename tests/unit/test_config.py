@@ -73,3 +73,20 @@ def test_offline_critic_and_online_rl_share_one_discount():
         build_config(preset="smoke", overrides=["online.ppo.gamma=0.9"])
     cfg = build_config(preset="smoke", overrides=["online.ppo.gamma=0.9", "offline.iql_gamma=0.9"])
     assert cfg.offline.iql_gamma == cfg.online.ppo.gamma == 0.9
+
+
+def test_a_partial_learner_section_keeps_the_stage_defaults_for_the_rest():
+    """Setting one `online.sac` / `online.ppo` key must not bring back the learner classes' own defaults
+    for the others (a 1M-step replay buffer, random warm-up, SAC's update-to-data ratio of 1)."""
+    from stages.config import PPO_STAGE_DEFAULTS, SAC_STAGE_DEFAULTS, OnlineParams
+
+    online = OnlineParams(sac={"num_envs": 2}, ppo={"num_envs": 2})
+    assert online.sac.num_envs == 2 and online.ppo.num_envs == 2
+    assert {k: getattr(online.sac, k) for k in SAC_STAGE_DEFAULTS} == SAC_STAGE_DEFAULTS
+    assert {k: getattr(online.ppo, k) for k in PPO_STAGE_DEFAULTS} == PPO_STAGE_DEFAULTS
+    # Through a preset and a --set: the preset's keys, the stage's defaults for the rest, the override.
+    cfg = build_config(preset="smoke", overrides=["online.sac.num_envs=2"])
+    assert (cfg.online.sac.num_envs, cfg.online.sac.buffer_size, cfg.online.sac.utd_ratio,
+            cfg.online.sac.random_warmup) == (2, 256, 0.25, False)
+    # Explicit keys still win over the stage's defaults.
+    assert OnlineParams(sac={"random_warmup": True}).sac.random_warmup is True
