@@ -85,4 +85,7 @@ class SACConfig(_Strict):
     train_trunk: bool = Field(True, description="the critic's TD loss trains the shared feature trunk "
                               "(the encoders too unless freeze_encoders); False trains the heads only")
     q_hidden_dim: int = Field(256, ge=1, description="width of the twin Q heads' two hidden layers")
+    actor_warmup_updates: int = Field(
+        0, ge=0, description="first updates that train only the critics (and trunk): fine-tuning a trained "
+                             "actor against fresh Q heads would follow their noise and wreck the actor")
     max_grad_norm: float | None = Field(None, gt=0, description="clip each loss's gradient norm; None = no clipping")

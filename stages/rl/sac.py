@@ -673,8 +673,20 @@ class SACTrainer:
         self._clip(self.critic_optimizer)
         self.critic_optimizer.step()
 
-        # Actor on detached features, through critics that are not being trained by this loss.
-        features = features.detach()
+        stats = {"critic_loss": critic_loss.item(), "q_mean": 0.5 * (q1.mean().item() + q2.mean().item()),
+                 "offline_fraction": batch.offline.float().mean().item(),
+                 "actor_warmup": float(self.updates < cfg.actor_warmup_updates)}
+        if self.updates >= cfg.actor_warmup_updates:
+            stats.update(self._actor_and_alpha_step(features.detach(), alpha))
+        stats["alpha"] = float(self.log_alpha.detach().exp())
+
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), cfg.tau)
+        self.updates += 1
+        return stats
+
+    def _actor_and_alpha_step(self, features: torch.Tensor, alpha: torch.Tensor) -> dict[str, float]:
+        """The actor on detached ``features``, through critics this loss does not train; then alpha."""
         dist = self.model.distribution(self.model.policy_params(features))
         actions, log_prob = dist.rsample_with_log_prob()
         log_prob = self._log_prob_scaled(log_prob)
@@ -687,10 +699,7 @@ class SACTrainer:
         self._average_gradients(self.actor_optimizer)
         self._clip(self.actor_optimizer)
         self.actor_optimizer.step()
-
-        stats = {"critic_loss": critic_loss.item(), "actor_loss": actor_loss.item(),
-                 "q_mean": 0.5 * (q1.mean().item() + q2.mean().item()),
-                 "entropy": -log_prob.mean().item(), "offline_fraction": batch.offline.float().mean().item()}
+        stats = {"actor_loss": actor_loss.item(), "entropy": -log_prob.mean().item()}
         if self.alpha_optimizer is not None:
             alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
             self.alpha_optimizer.zero_grad(set_to_none=True)
@@ -698,11 +707,6 @@ class SACTrainer:
             self._average_gradients(self.alpha_optimizer)
             self.alpha_optimizer.step()
             stats["alpha_loss"] = alpha_loss.item()
-        stats["alpha"] = float(self.log_alpha.detach().exp())
-
-        with torch.no_grad():
-            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), cfg.tau)
-        self.updates += 1
         return stats
 
     # -- loop -----------------------------------------------------------------------------------
