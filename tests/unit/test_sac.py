@@ -90,6 +90,19 @@ def test_train_trunk_false_trains_the_heads_only(env):
     assert changed and all(n.startswith("policy_head") for n in changed)
 
 
+def test_actor_warmup_trains_the_critics_first_and_the_actor_after(env):
+    model = _model()
+    trainer = SACTrainer(model, env, _cfg(train_trunk=False, actor_warmup_updates=5), seed=0)
+    before, critic0, alpha0 = _snapshot(model), _snapshot(trainer.critic), trainer.log_alpha.detach().clone()
+    stats = trainer.train(12)                      # updates 1..5 at steps 8..12: all within the warm-up
+    assert trainer.updates == 5 and stats["actor_warmup"] == 1.0 and "actor_loss" not in stats
+    assert _changed(critic0, trainer.critic, ("q1", "q2"))
+    assert not _changed(before, model, ("",)) and torch.equal(trainer.log_alpha, alpha0)
+    stats = trainer.train(16)                      # updates 6.. train the actor and alpha too
+    assert stats["actor_warmup"] == 0.0 and math.isfinite(stats["actor_loss"])
+    assert _changed(before, model, ("policy_head",)) and not torch.equal(trainer.log_alpha, alpha0)
+
+
 def _offline_samples(n=60, episode_length=15):
     rng = np.random.default_rng(0)
     t = np.arange(n) % episode_length
