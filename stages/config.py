@@ -248,22 +248,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "evaluate": {"scenarios": ["highway", "urban"], "episodes": 1, "strip_frames": 6, "gif_max_frames": 30},
     },
     "demo": {"evaluate": {"scenarios": ["highway", "urban", "night", "rain"], "episodes": 2},
-             # SAC, about 4 min on 2 CPU cores: 4 envs, frozen encoders (the replay buffer keeps their
-             # outputs), 50 held-out episodes per side, the best of the validation scores kept (SAC's
-             # driver swings from one thousand steps to the next). PPO on `demo` barely moves the
-             # deterministic driver: its trust region at the cloned policy's small spread allows
-             # ~0.14 std of change per update (docs/online-rl.md). Its settings below are the best found;
-             # with `online.algo=ppo` set `online.total_timesteps=49152` too.
-             "online": {"algo": "sac", "total_timesteps": 4096, "eval_episodes": 50, "val_episodes": 10,
-                        # Random actions for the first 1,000 steps fill the buffer with the crashes
-                        # the cloned driver rarely shows; then one update of 256 per env step.
-                        "sac": {"num_envs": 4, "freeze_encoders": True, "batch_size": 256, "utd_ratio": 1.0,
-                                "learning_starts": 1000, "random_warmup": True, "buffer_size": 16384},
-                        # The cloned policy's spread is cut to std 0.018 (init_log_std): with imitation's
-                        # spread the sampled driver crashes within ~25 steps at 25 m/s.
+             # PPO, about 6-7 min on 2 CPU cores and the same figures on every run: frozen encoders
+             # (cheap updates), a critic warm-up (the stage-2 value head does not know the online
+             # reward), 50 held-out episodes per side, the best of the validation scores kept.
+             # The cloned policy's spread is cut to std 0.018 (init_log_std): with imitation's spread the
+             # sampled driver crashes within ~25 steps at 25 m/s and PPO learns about the wrong policy.
+             "online": {"total_timesteps": 49152, "eval_episodes": 50, "val_episodes": 10,
                         "ppo": {"num_envs": 4, "num_steps": 4096, "batch_size": 64, "num_epochs": 10,
                                 "learning_rate": 3e-4, "freeze_encoders": True, "value_warmup_steps": 8192,
-                                "target_kl": 0.03, "init_log_std": -4.0}}},
+                                "target_kl": 0.03, "init_log_std": -4.0},
+                        # With `online.algo=sac online.total_timesteps=4096`: larger gains on most runs,
+                        # none on some (docs/online-rl.md). Random actions for the first 1,000 steps
+                        # fill the buffer with the crashes the cloned driver rarely shows.
+                        "sac": {"num_envs": 4, "freeze_encoders": True, "batch_size": 256, "utd_ratio": 1.0,
+                                "learning_starts": 1000, "random_warmup": True, "buffer_size": 16384}}},
     "carla": {
         "model": {"size": "base", "image_size": 224},
         "env": {"backend": "carla", "scenario": "urban", "image_size": 224, "max_episode_steps": 1000},
