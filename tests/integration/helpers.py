@@ -1,11 +1,15 @@
-"""Make throwaway copies of the project for integration tests (git + DVC repos in tmp dirs)."""
+"""What the integration tests share: throwaway copies of the project (git + DVC repos in tmp dirs),
+killing a run at a chosen point, and scoring a policy on Pendulum."""
 from __future__ import annotations
 
 import os
 import shutil
 import socket
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import yaml
@@ -60,3 +64,43 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float, poll: float = 0.1) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` holds; fail if it ends first or ``timeout`` s pass."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ready():
+                break
+            time.sleep(poll)
+        assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read() if proc.stdout else ''}"
+        assert ready(), f"the run did not get to the kill point within {timeout} s"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def pendulum_return(act: Callable, seeds: Iterable[int]) -> float:
+    """Mean return over Pendulum-v1 episodes seeded ``seeds`` of ``act``: a batch of one observation
+    (float32 tensor) to a batch of one action (the deterministic policy)."""
+    import gymnasium as gym
+    import numpy as np
+    import torch
+
+    env = gym.make("Pendulum-v1")
+    returns = []
+    with torch.no_grad():
+        for seed in seeds:
+            obs, _ = env.reset(seed=seed)
+            total, done = 0.0, False
+            while not done:
+                action = act(torch.as_tensor(obs[None], dtype=torch.float32))[0].numpy()
+                obs, reward, terminated, truncated, _ = env.step(action)
+                total, done = total + float(reward), terminated or truncated
+            returns.append(total)
+    env.close()
+    return float(np.mean(returns))

@@ -1,15 +1,14 @@
 """A killed online stage resumes at its saved step count and keeps learning to the same total."""
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from stages.config import build_config
+from tests.integration.helpers import kill_when
 from stages.training import model_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,18 +36,7 @@ def test_killed_online_run_resumes_at_the_saved_step_and_finishes(tmp_path):
     ckpt = tmp_path / "runs" / "online" / "checkpoint.pt"
 
     first = _stage(tmp_path)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and first.poll() is None:
-            if ckpt.exists() and _load(ckpt)["updates"] >= 3:
-                break
-            time.sleep(0.2)
-        assert first.poll() is None, f"the stage ended before it could be killed:\n{first.stdout.read()}"
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=30)
-    finally:
-        if first.poll() is None:
-            first.kill()
+    kill_when(first, lambda: ckpt.exists() and _load(ckpt)["updates"] >= 3, timeout=240, poll=0.2)
     killed_at = _load(ckpt)
     shutil.copy(ckpt, tmp_path / "at-kill.pt")
     assert 0 < killed_at["global_step"] < TOTAL

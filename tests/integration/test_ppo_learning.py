@@ -7,12 +7,12 @@ The test trains for at most 61,440 steps (15 updates), stopping once the trainin
 -300, then drives the deterministic policy on 10 fresh episodes.
 """
 import gymnasium as gym
-import numpy as np
 import torch
 
 from stages.rl.configs import PPOConfig
 from stages.rl.policies import MLPActorCritic
 from stages.rl.ppo import PPOTrainer
+from tests.integration.helpers import pendulum_return
 
 PENDULUM_PPO = PPOConfig(num_envs=4, num_steps=4096, gamma=0.9, gae_lambda=0.95, num_epochs=10, batch_size=64,
                          learning_rate=1e-3, clip_epsilon=0.2, entropy_coef=0.0, clip_value=False)
@@ -21,21 +21,8 @@ RANDOM_RETURN = -1200.0
 TARGET_RETURN = -400.0
 
 
-@torch.no_grad()
 def _deterministic_return(model: MLPActorCritic, episodes: int, seed: int) -> float:
-    env = gym.make("Pendulum-v1")
-    returns = []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        total, done = 0.0, False
-        while not done:
-            action = model.act(torch.as_tensor(obs[None], dtype=torch.float32), deterministic=True)[0]
-            obs, reward, terminated, truncated, _ = env.step(action[0].numpy())
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    env.close()
-    return float(np.mean(returns))
+    return pendulum_return(lambda obs: model.act(obs, deterministic=True)[0], range(seed, seed + episodes))
 
 
 def test_ppo_solves_pendulum_within_the_tuned_budget():

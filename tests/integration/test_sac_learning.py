@@ -15,6 +15,7 @@ import torch
 from stages.rl.configs import SACConfig
 from stages.rl.sac import SACTrainer
 from stages.rl.sac_networks import MLPActor
+from tests.integration.helpers import pendulum_return
 
 BUDGET_STEPS = 6000
 LEARNED_RETURN = -400.0  # a random policy: ~ -1200; solved: ~ -150
@@ -36,20 +37,11 @@ def test_sac_learns_pendulum_within_an_sb3_like_budget():
         returns = list(trainer.episode_returns)
         first, last = float(np.mean(returns[:5])), float(np.mean(returns[-5:]))
 
-        eval_env = gym.make("Pendulum-v1")
-        evaluation = []
-        for seed in range(100, 105):
-            obs, _ = eval_env.reset(seed=seed)
-            total, done = 0.0, False
-            while not done:
-                action = trainer.model.act(torch.as_tensor(obs)[None], deterministic=True)[0].numpy()
-                obs, reward, terminated, truncated, _ = eval_env.step(action)
-                total, done = total + float(reward), terminated or truncated
-            evaluation.append(total)
+        evaluation = pendulum_return(lambda obs: trainer.model.act(obs, deterministic=True), range(100, 105))
         print(f"\npendulum SAC: {BUDGET_STEPS} steps in {seconds:.0f} s ({trainer.updates} updates); "
-              f"first 5 episodes {first:.0f}, last 5 {last:.0f}, deterministic eval {np.mean(evaluation):.0f}")
+              f"first 5 episodes {first:.0f}, last 5 {last:.0f}, deterministic eval {evaluation:.0f}")
         assert first < -900, "the first episodes (random warm-up) should score like a random policy"
         assert last >= LEARNED_RETURN
-        assert float(np.mean(evaluation)) >= LEARNED_RETURN
+        assert evaluation >= LEARNED_RETURN
     finally:
         torch.set_num_threads(threads)

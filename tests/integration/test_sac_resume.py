@@ -6,14 +6,13 @@ so the test can kill a real process between two checkpoints."""
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from tests.integration.helpers import kill_when, pendulum_return
 
 ROOT = Path(__file__).resolve().parents[2]
 TOTAL = 5000
@@ -63,39 +62,15 @@ def _load(path: Path) -> dict:
 
 def _evaluate(state: dict, seeds=range(100, 104)) -> float:
     """Mean return of the deterministic policy of a saved state."""
-    import gymnasium as gym
-
     trainer = _trainer()
     trainer.model.load_state_dict(state["model"])
-    env = gym.make("Pendulum-v1")
-    returns = []
-    for seed in seeds:
-        obs, _ = env.reset(seed=seed)
-        total, done = 0.0, False
-        while not done:
-            action = trainer.model.act(torch.as_tensor(obs)[None], deterministic=True)[0].numpy()
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total, done = total + float(reward), terminated or truncated
-        returns.append(total)
-    return float(np.mean(returns))
+    return pendulum_return(lambda obs: trainer.model.act(obs, deterministic=True), seeds)
 
 
 def test_killed_sac_run_resumes_at_the_checkpoint_and_keeps_learning(tmp_path):
     ckpt = tmp_path / "checkpoint.pt"
     first = _start(tmp_path)
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and first.poll() is None:
-            if ckpt.exists() and _load(ckpt)["global_step"] >= KILL_AFTER:
-                break
-            time.sleep(0.05)
-        assert first.poll() is None, f"the run ended before it could be killed:\n{first.stdout.read()}"
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=30)
-    finally:
-        if first.poll() is None:
-            first.kill()
-    assert first.returncode == -signal.SIGKILL
+    kill_when(first, lambda: ckpt.exists() and _load(ckpt)["global_step"] >= KILL_AFTER, timeout=120, poll=0.05)
     killed = _load(ckpt)
     killed_at = killed["global_step"]
     assert KILL_AFTER <= killed_at < TOTAL and killed_at % CHECKPOINT_EVERY == 0
