@@ -135,6 +135,8 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
     slots = OnlineEnvSlots.for_config(o, dist.world_size)
     check_env_slots(cfg.env, slots.total, slots.describe())
     first_slot = slots.first_train(dist.rank)
+    # Likewise a missing dataset for SAC's offline partition (a read, before any driving).
+    offline_data = offline_transitions(cfg) if o.algo == "sac" and o.sac.offline_ratio > 0 else None
     model = load_or_init(cfg, upstream=o.init_from or cfg.offline.out).to(device)
     key = fingerprint(cfg.model, cfg.env, o, {"seed": cfg.seed, "upstream": _digest(Path(cfg.offline.out))})
     eval_seed = cfg.seed + EVAL_SEED_OFFSET
@@ -143,8 +145,8 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
 
     eval_env = make_env(cfg.env, seed=eval_seed, slot=slots.eval) if dist.is_main else None
     t0 = time.perf_counter()
-    before: dict[str, float] = {}
-    after: dict[str, float] = {}
+    before: dict[str, Any] = {}
+    after: dict[str, Any] = {}
     try:
         if dist.is_main:
             # The starting point's figures are kept with the run: a resumed run does not re-drive them.
@@ -171,8 +173,7 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
             # Constructors, not a built vector env: each env then steps in its own process and gets its
             # next action as soon as its own step returns, while a learner thread updates.
             train_envs = env_fns(cfg.env, o.sac.num_envs, seed=train_seed, first_slot=first_slot)
-            trainer = SACTrainer(model, train_envs, o.sac, device=device, seed=cfg.seed,
-                                 offline_data=offline_transitions(cfg) if o.sac.offline_ratio > 0 else None,
+            trainer = SACTrainer(model, train_envs, o.sac, device=device, seed=cfg.seed, offline_data=offline_data,
                                  **sac_kwargs)
         else:
             from stages.rl.ppo import PPOTrainer
