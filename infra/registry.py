@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from infra.files import sha256_file
 from infra.s3 import S3Error, s3_errors
 
 log = logging.getLogger(__name__)
@@ -264,14 +265,6 @@ def stage_version(repo: Path, name: str = DEFAULT_MODEL, stage: str = PROD_STAGE
 
 
 # ---------------------------------------------------------------- S3 publishing
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def collect_files(root: Path) -> dict[str, Path]:

@@ -40,8 +40,8 @@ from stages.export_parity import (
     heldout_inputs,
     parity_cases,
 )
-from stages.model_card import build_card, config_hash, data_version, model_version, render_markdown, \
-    sha256_file, training_stages
+from infra.files import sha256_file
+from stages.model_card import build_card, config_hash, data_version, model_version, render_markdown, training_stages
 
 if TYPE_CHECKING:  # only for annotations: the benchmark imports the exporters without the config stack
     from stages.config import PipelineConfig

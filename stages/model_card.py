@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from infra.files import sha256_file
 from models.config import DrivingVLAConfig
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,6 @@ LIMITATIONS = [
     "model's image size, state in the environment's field order, byte-token ids).",
     "No temporal smoothing, rate limiting or fallback: the vehicle stack must add them.",
 ]
-
-
-def sha256_file(path: str | Path, length: int = 64) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:length]
 
 
 def config_hash(config: DrivingVLAConfig | dict[str, Any]) -> str:
