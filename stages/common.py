@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import shutil
 import tempfile
@@ -14,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from infra.files import atomic_write_text  # noqa: F401  (the one home; re-exported for stages)
+from infra.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (the one home; re-exported for stages)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +42,20 @@ def resolve_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda was asked for but no CUDA device is visible; use --set device=cpu")
     return name
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Render a matplotlib figure and write it atomically (format from the suffix); closes the figure."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -30,7 +30,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from stages.common import StageInputError, resolve_device, seed_everything, stage_main, staged_dir, write_json
+from infra.files import sha256_file
+from stages.common import (StageInputError, resolve_device, save_figure, seed_everything, stage_main, staged_dir,
+                           write_json)
 from stages.config import EvaluateParams
 from stages.metrics.driving_score import summarise
 from stages.resume import ResumePoint, fingerprint
@@ -152,9 +154,7 @@ def checkpoint_digest(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(q for q in path.iterdir() if q.is_file()):
         h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        h.update(sha256_file(f).encode())
     return h.hexdigest()
 
 
@@ -170,17 +170,6 @@ def _keep_media(r: dict[str, Any], max_frames: int, dt: float) -> dict[str, Any]
 # ------------------------------------------------------------------------------------------------
 # Figures
 # ------------------------------------------------------------------------------------------------
-
-def _save_figure(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
 
 def plot_scores(per_scenario: dict[str, dict[str, Any]], overall: dict[str, Any], path: str | Path,
                 title: str = "") -> Path:
@@ -218,7 +207,7 @@ def plot_scores(per_scenario: dict[str, dict[str, Any]], overall: dict[str, Any]
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_strip(media: dict[str, Any], path: str | Path, count: int = 8) -> Path:
@@ -241,7 +230,7 @@ def plot_strip(media: dict[str, Any], path: str | Path, count: int = 8) -> Path:
     fig.suptitle(f"{media['scenario']} (seed {media['seed']}): ended by {media['done_reason'] or 'n/a'}, "
                  f"route completion {media['route_completion']:.2f}", fontsize=9)
     fig.tight_layout()
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def write_gif(media: dict[str, Any], path: str | Path) -> Path:

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from stages.common import save_figure
+
 log = logging.getLogger(__name__)
 
 EVAL_EVERY = 0.5                 # s: nuScenes' keyframe grid
@@ -258,8 +260,4 @@ def plot_open_loop(reports: dict[str, dict[str, dict[str, Any]]], path: str | Pa
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
