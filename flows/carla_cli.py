@@ -20,7 +20,7 @@ import yaml
 from infra.carla import (
     ENV_VAR, CarlaServerConfig, CarlaServerError, CarlaServerManager, ServerEvent, connect_docker,
     endpoints_to_env, managed_containers, reap_orphans)
-from infra.carla.manager import LABEL_DETACHED, LABEL_FLOW_RUN_NAME, LABEL_GPU, LABEL_PORTS, LABEL_SESSION
+from infra.carla.labels import LABEL_DETACHED, LABEL_FLOW_RUN_NAME, LABEL_GPU, LABEL_PORTS, LABEL_SESSION
 
 carla_app = typer.Typer(help="Run CARLA servers in Docker (start, stop, inspect, read logs).",
                         no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)

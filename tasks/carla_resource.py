@@ -28,7 +28,7 @@ from prefect import get_run_logger, task
 from infra.carla import (
     ENV_VAR, FILE_ENV_VAR, CarlaEndpoint, CarlaServerConfig, LogFollower, ServerEvent, ServerSupervisor,
     VersionProbe, carla_servers, connect_docker, endpoints_to_env, reap_orphans, write_endpoints_file)
-from infra.carla.manager import LABEL_FLOW_RUN_ID, LABEL_FLOW_RUN_NAME
+from infra.carla.labels import LABEL_FLOW_RUN_ID, LABEL_FLOW_RUN_NAME
 from stages.envs.slots import EnvSlotError, OnlineEnvSlots
 
 log = logging.getLogger(__name__)
