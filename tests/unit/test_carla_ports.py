@@ -220,3 +220,15 @@ def test_missing_docker_sdk_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
     assert "pip install -e .[docker]" in out
+
+
+def test_without_the_carla_client_readiness_falls_back_to_the_open_port(monkeypatch):
+    """bridge_version_probe's documented fallback: no client, no probe (not a probe failing until the deadline)."""
+    from stages.envs.carla_bridge import server_version
+    from tasks.carla_resource import bridge_version_probe
+
+    monkeypatch.setitem(sys.modules, "carla", None)   # makes `import carla` raise ImportError
+    assert bridge_version_probe() is None
+    monkeypatch.undo()
+    pytest.importorskip("carla", reason="the carla extra is not installed (pip install -e .[carla])")
+    assert bridge_version_probe() is server_version
