@@ -14,8 +14,8 @@ import pytest
 from pydantic import ValidationError
 
 from infra.carla import (
-    CarlaEndpoint, CarlaServerConfig, CarlaServerError, CarlaServerManager, NoFreePorts, ServerPorts, allocate_ports, container_spec,
-    endpoints_from_env, endpoints_to_env, port_is_free, release_ports)
+    CarlaEndpoint, CarlaServerConfig, CarlaServerError, CarlaServerManager, NoFreePorts, ServerPorts, allocate_ports,
+    container_spec, endpoints_from_env, endpoints_to_env, port_is_free, release_ports)
 from infra.carla.labels import LABEL_DETACHED, LABEL_HOST, LABEL_PID, LABEL_PID_START, is_orphan
 from infra.carla.labels import process_start as _process_start
 
