@@ -15,12 +15,14 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, Optional
 
 import typer
-import yaml
+from pydantic import ValidationError
 
 from infra.carla import (
     ENV_VAR, CarlaServerConfig, CarlaServerError, CarlaServerManager, ServerEvent, connect_docker,
     endpoints_to_env, managed_containers, reap_orphans)
-from infra.carla.manager import LABEL_DETACHED, LABEL_FLOW_RUN_NAME, LABEL_GPU, LABEL_PORTS, LABEL_SESSION
+from infra.carla.labels import LABEL_DETACHED, LABEL_FLOW_RUN_NAME, LABEL_GPU, LABEL_PORTS, LABEL_SESSION
+from stages.config import ConfigError, deep_merge, load_config, parse_override
+from stages.envs.slots import OnlineEnvSlots
 
 carla_app = typer.Typer(help="Run CARLA servers in Docker (start, stop, inspect, read logs).",
                         no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -36,29 +38,16 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _section(params: str) -> dict[str, Any]:
-    """The carla section: from the validated pipeline config once it has one (presets apply), else
-    params.yaml's raw ``carla:`` section."""
-    from stages.config import ConfigError, PipelineConfig, load_config
-
-    if "carla" in PipelineConfig.model_fields:
-        try:
-            return load_config(params).carla.model_dump()
-        except ConfigError as exc:
-            _fail(str(exc), 2)
+    """The validated ``carla:`` section of the pipeline config (presets applied)."""
     try:
-        with open(params) as handle:
-            raw = yaml.safe_load(handle) or {}
-    except FileNotFoundError:
-        return {}
-    return dict(raw.get("carla") or {})
+        return load_config(params).carla.model_dump()
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    raise AssertionError("unreachable")
 
 
 def load_carla_config(params: str = "params.yaml", sets: list[str] | None = None, **flags: Any) -> CarlaServerConfig:
     """params.yaml's carla section, then ``--set`` overrides, then the flags that were given."""
-    from pydantic import ValidationError
-
-    from stages.config import ConfigError, deep_merge, parse_override
-
     raw = _section(params)
     try:
         for text in sets or []:
@@ -105,6 +94,7 @@ def up(servers: Annotated[Optional[int], typer.Option("--servers", "-n", help="h
         params, set_, num_servers=servers, tag=tag, image=image, base_port=port, quality_level=quality_level,
         fps=fps, ready_timeout_s=ready_timeout, network_mode=network,
         gpus=[g.strip() for g in gpus.split(",") if g.strip()] if gpus is not None else None)
+    # Deferred: tasks.carla_resource loads Prefect (seconds), which no other carla command needs.
     from tasks.carla_resource import bridge_version_probe
 
     manager = CarlaServerManager(config, version_probe=bridge_version_probe(), on_event=_print_event,
@@ -135,9 +125,6 @@ def servers_needed(
             "--set", help="override a pipeline value, as the stage's --set: online.ppo.num_envs=2")] = None,
         world_size: Annotated[int, typer.Option(min=1, help="torchrun ranks of the online stage")] = 1) -> None:
     """Print how many servers the online stage needs: one per env, num_envs x world size + 1 (eval)."""
-    from stages.config import ConfigError, load_config
-    from stages.envs.slots import OnlineEnvSlots
-
     try:
         cfg = load_config(params, preset=preset, overrides=set_ or [])
     except ConfigError as exc:

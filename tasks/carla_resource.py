@@ -23,25 +23,32 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.runtime import flow_run
 
 from infra.carla import (
     ENV_VAR, FILE_ENV_VAR, CarlaEndpoint, CarlaServerConfig, LogFollower, ServerEvent, ServerSupervisor,
     VersionProbe, carla_servers, connect_docker, endpoints_to_env, reap_orphans, write_endpoints_file)
-from infra.carla.manager import LABEL_FLOW_RUN_ID, LABEL_FLOW_RUN_NAME
+from infra.carla.labels import LABEL_FLOW_RUN_ID, LABEL_FLOW_RUN_NAME
+from stages.config import load_config
+from stages.envs.carla_bridge import load_carla, server_version
 from stages.envs.slots import EnvSlotError, OnlineEnvSlots
+from tasks.stage_tasks import run_stage
 
 log = logging.getLogger(__name__)
 
 
 def bridge_version_probe() -> VersionProbe | None:
     """The CARLA bridge's probe, ``stages.envs.carla_bridge.server_version(host, port, timeout)``; the
-    bridge owns the `carla` client. None (readiness = port open) when the bridge or `carla` is missing."""
+    bridge owns the `carla` client. None (readiness = port open) when the `carla` client is not installed."""
     try:
-        from stages.envs.carla_bridge import server_version
+        load_carla()
     except ImportError as exc:
-        log.warning("carla: no version probe (%s); a server counts as ready once its rpc port opens. "
-                    "Install the client with `pip install -e .[carla]`.", exc)
+        log.warning("carla: no version probe (%s); a server counts as ready once its rpc port opens", exc)
         return None
     return server_version
 
@@ -56,8 +63,6 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
 
 def flow_run_labels() -> dict[str, str]:
     """Container labels naming the current flow run (none outside a run)."""
-    from prefect.runtime import flow_run
-
     run_id = flow_run.get_id()
     if not run_id:
         return {}
@@ -65,17 +70,11 @@ def flow_run_labels() -> dict[str, str]:
 
 
 def _in_prefect_run() -> bool:
-    from prefect.context import FlowRunContext, TaskRunContext
-
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
 def _ensure_limits(names: Sequence[str], limit: int) -> None:
     """Create the GPU limits that do not exist yet (an existing limit keeps what the operator set)."""
-    from prefect import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
     with get_client(sync_client=True) as client:
         for name in names:
             try:
@@ -95,8 +94,6 @@ def gpu_slots(gpus: Sequence[str], limit: int = 1, timeout_s: float | None = Non
     if not gpus or not _in_prefect_run():
         yield []
         return
-    from prefect.concurrency.sync import concurrency
-
     names = [f"carla-gpu-{gpu}" for gpu in gpus]
     _ensure_limits(names, limit)
     run_logger().info("carla: waiting for GPU slot(s) %s", ", ".join(names))
@@ -250,9 +247,6 @@ def run_stage_in_carla(name: str = "online", workdir: str = ".", use_dvc: bool =
     """Run a stage (normally ``online``) inside the CARLA resource and return its metrics.
 
     ``carla`` overrides the config's ``carla`` section; ``timeout_s`` goes to `run_stage`."""
-    from stages.config import load_config
-    from tasks.stage_tasks import run_stage
-
     cfg = load_config(Path(workdir) / "params.yaml", overrides=overrides or [])
     extra = {"timeout_s": timeout_s} if timeout_s is not None else {}
     with carla_resource(carla_config_for(cfg, carla)):

@@ -34,9 +34,14 @@ class CarlaServerConfig(BaseModel):
                                                       "concurrency limit carla-gpu-<id>, created when missing)")
     runtime: str | None = Field(None, description="container runtime, e.g. 'nvidia' on hosts without the "
                                                   "NVIDIA container toolkit's device-request support")
+    # A CARLA server's RPC has no authentication: whoever reaches its port drives the simulator. With host
+    # networking it listens on every interface of the host; bridge networking publishes its ports on
+    # bind_address only, loopback by default, so the trainer on this host reaches it and other hosts do not.
     network_mode: Literal["host", "bridge"] = Field(
-        "host", description="host: the server binds the host's ports itself; bridge: ports are published")
-    bind_address: str = Field("127.0.0.1", description="address published ports bind to (bridge mode)")
+        "bridge", description="bridge: the server's ports are published on bind_address only (default, "
+                              "loopback); host: the server binds the host's ports itself, on every interface")
+    bind_address: str = Field("127.0.0.1", description="address published ports bind to (bridge mode); an "
+                                                       "address other hosts reach exposes the unauthenticated RPC")
     connect_host: str | None = Field(None, description="address clients use; None = 127.0.0.1, or the "
                                                        "engine's host when DOCKER_HOST is tcp://")
     privileged: bool = Field(False, description="--privileged; the seed used it, CARLA does not need it")
@@ -86,6 +91,11 @@ class CarlaServerConfig(BaseModel):
             raise ValueError(f"ports {self.base_port}..{self.max_port} cannot hold {self.num_servers} servers "
                              f"spaced {self.port_stride} apart; raise max_port or lower base_port")
         return self
+
+    @property
+    def exposed(self) -> bool:
+        """True when the servers' RPC is reachable from other hosts (host networking, or a non-loopback bind)."""
+        return self.network_mode == "host" or not ipaddress.ip_address(self.bind_address).is_loopback
 
     @property
     def image_ref(self) -> str:

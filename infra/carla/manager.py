@@ -4,200 +4,42 @@
 `get_server_version()` (through a probe the caller injects: only the CARLA bridge imports `carla`),
 restarts them on request and removes them (`infra.carla.supervisor.carla_servers` wraps it in the
 context manager that removes them on every exit path). Containers carry labels naming their owner, session,
-creating process and flow run, so `reap_orphans` can remove what a crashed run left behind — and only
-that: nothing without the managed + owner labels is ever touched.
+creating process and flow run (`infra.carla.labels`), so `reap_orphans` can remove what a crashed run left
+behind — and only that. The engine itself (SDK, container spec, removal): `infra.carla.engine`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 import uuid
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
 from infra.carla.config import CarlaServerConfig
+from infra.carla.endpoints import CarlaEndpoint
+from infra.carla.engine import (
+    DEFAULT_DOCKER_URL, LOG_TAIL, connect_docker, container_spec, docker_sdk, explain_api_error, indent, logs_of,
+    port_open, remove_container)
+from infra.carla.errors import CarlaServerError, CarlaServerNotReady, ImageUnavailable
+from infra.carla.labels import (
+    LABEL_DETACHED, LABEL_FLOW_RUN_ID, LABEL_FLOW_RUN_NAME, LABEL_GPU, LABEL_HOST, LABEL_INDEX, LABEL_MANAGED,
+    LABEL_OWNER, LABEL_PID, LABEL_PID_START, LABEL_PORTS, LABEL_SESSION, MANAGED_VALUE, managed_containers,
+    ports_claimed, process_start, reap_orphans)
 from infra.carla.ports import ServerPorts, allocate_ports, file_lock, port_lock, release_ports
+
+__all__ = ["CarlaServerManager", "ServerEvent", "VersionProbe"]
 
 log = logging.getLogger(__name__)
 
 # (host, rpc port, timeout seconds) -> the server's version string; raises when it does not answer.
 VersionProbe = Callable[[str, int, float], str]
-
-DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
-MANAGED_VALUE = "carla-server"
-LABEL_MANAGED = "drivevla.managed"
-LABEL_OWNER = "drivevla.owner"
-LABEL_SESSION = "drivevla.session"
-LABEL_HOST = "drivevla.host"
-LABEL_PID = "drivevla.pid"
-LABEL_PID_START = "drivevla.pid_start"
-LABEL_DETACHED = "drivevla.detached"
-LABEL_INDEX = "drivevla.index"
-LABEL_PORTS = "drivevla.ports"
-LABEL_GPU = "drivevla.gpu"
-LABEL_FLOW_RUN_ID = "drivevla.flow_run_id"
-LABEL_FLOW_RUN_NAME = "drivevla.flow_run_name"
-LOG_TAIL = 60
-# How a process started inside the resource (e.g. `dvc repro` → `python -m stages.online`) finds the servers:
-# ENV_VAR holds the endpoints as they were when the process started; FILE_ENV_VAR names a JSON file the
-# resource rewrites whenever a server restarts, so a process can follow a server that moved.
-ENV_VAR = "DRIVEVLA_CARLA_SERVERS"
-FILE_ENV_VAR = "DRIVEVLA_CARLA_SERVERS_FILE"
-
-
-class CarlaServerError(RuntimeError):
-    """A CARLA server could not be started, kept alive or stopped."""
-
-
-class DockerUnavailable(CarlaServerError):
-    """The Docker engine cannot be reached."""
-
-
-class ImageUnavailable(CarlaServerError):
-    """The server image is not on the engine and could not be pulled."""
-
-
-class CarlaServerNotReady(CarlaServerError):
-    """A server did not answer its version before the deadline (or exited first)."""
-
-    def __init__(self, message: str, name: str = "", logs: str = "") -> None:
-        super().__init__(message)
-        self.name = name
-        self.logs = logs
-
-
-def docker_sdk() -> Any:
-    """The docker package, or an error naming the extra that installs it."""
-    try:
-        import docker
-    except ImportError as exc:
-        raise ImportError("the CARLA server manager needs the Docker SDK for Python: "
-                          "pip install -e .[docker]") from exc
-    return docker
-
-
-def connect_docker(docker_host: str | None = None, timeout: float = 60.0) -> Any:
-    """A `docker.DockerClient` that answered a ping, or `DockerUnavailable` saying how to start one."""
-    docker = docker_sdk()
-    url = docker_host or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_URL
-    try:
-        client = docker.DockerClient(base_url=url, timeout=int(timeout))
-        client.ping()
-    except Exception as exc:  # DockerException, requests' ConnectionError, PermissionError ...
-        reason = _why_unreachable(exc)
-        raise DockerUnavailable(
-            f"Docker engine not reachable at {url}: {reason}. Start it with `sudo systemctl start docker` "
-            "(or `sudo bash scripts/docker-engine.sh` on a machine without one), check that this user may use "
-            "its socket, or point DOCKER_HOST / carla.docker_host at a running engine.") from None
-    return client
-
-
-def _why_unreachable(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    if "FileNotFoundError" in text or "No such file" in text:
-        return "no socket there (the engine is not running)"
-    if "Permission denied" in text or "PermissionError" in text:
-        return "permission denied (add this user to the docker group, or use sudo)"
-    if "Connection refused" in text or "ConnectionRefusedError" in text:
-        return "connection refused (the engine is not running)"
-    return text.splitlines()[0]
-
-
-@dataclass(frozen=True)
-class CarlaEndpoint:
-    """Where a client reaches one server. ``generation`` grows by one at every restart."""
-
-    index: int
-    host: str
-    port: int
-    streaming_port: int
-    secondary_port: int
-    tm_port: int
-    gpu: str | None
-    name: str
-    container_id: str
-    version: str | None = None
-    generation: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CarlaEndpoint:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-
-
-def endpoints_to_env(endpoints: Sequence[CarlaEndpoint]) -> str:
-    """The value of ``DRIVEVLA_CARLA_SERVERS`` for ``endpoints`` (JSON)."""
-    return json.dumps([e.to_dict() for e in endpoints])
-
-
-def _parse_endpoints(text: str, source: str) -> list[CarlaEndpoint]:
-    try:
-        items = json.loads(text)
-        if not isinstance(items, list):
-            raise TypeError(f"a JSON {type(items).__name__}, not a list")
-        return [CarlaEndpoint.from_dict(item) for item in items]
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CarlaServerError(f"{source} is not a JSON list of endpoints ({exc}): {text[:200]!r}") from None
-
-
-def endpoints_from_env(environ: Mapping[str, str] | None = None) -> list[CarlaEndpoint]:
-    """The endpoints a parent process published in ``DRIVEVLA_CARLA_SERVERS`` ([] when unset)."""
-    text = (os.environ if environ is None else environ).get(ENV_VAR, "")
-    if not text.strip():
-        return []
-    return _parse_endpoints(text, ENV_VAR)
-
-
-def write_endpoints_file(path: str | Path, endpoints: Sequence[CarlaEndpoint]) -> Path:
-    """Write ``endpoints`` to ``path`` as JSON (what ``DRIVEVLA_CARLA_SERVERS_FILE`` names).
-
-    Atomic: the text goes to a temporary file in the same directory, which then replaces ``path``
-    (`os.replace`), so a reader sees the old list or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(endpoints_to_env(endpoints))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def endpoints_from_file(path: str | Path) -> list[CarlaEndpoint]:
-    """The endpoints `write_endpoints_file` wrote to ``path`` (`FileNotFoundError` when it is gone)."""
-    return _parse_endpoints(Path(path).read_text(), str(path))
-
-
-def current_endpoints(environ: Mapping[str, str] | None = None) -> list[CarlaEndpoint] | None:
-    """The newest endpoint list a parent process published: the file named by
-    ``DRIVEVLA_CARLA_SERVERS_FILE`` when it is readable, else the ``DRIVEVLA_CARLA_SERVERS`` snapshot;
-    None when neither is set (no resource around this process)."""
-    environ = os.environ if environ is None else environ
-    path = environ.get(FILE_ENV_VAR, "").strip()
-    if path:
-        try:
-            return endpoints_from_file(path)
-        except FileNotFoundError:
-            # The resource removes the file as it exits; the snapshot is all that is left.
-            log.warning("carla: %s=%s does not exist; using the %s snapshot", FILE_ENV_VAR, path, ENV_VAR)
-    if not environ.get(ENV_VAR, "").strip():
-        return None
-    return endpoints_from_env(environ)
 
 
 @dataclass(frozen=True)
@@ -223,164 +65,6 @@ class _Server:
     generation: int = 0
     removed: bool = False
     lock: threading.RLock = field(default_factory=threading.RLock)
-
-
-def _process_start(pid: int) -> str | None:
-    """The start time of ``pid`` (Linux, clock ticks since boot): a pid plus its start time names one
-    process, so a recycled pid is not mistaken for the run that created a container."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def container_spec(config: CarlaServerConfig, *, name: str, ports: ServerPorts, gpu: str | None,
-                   labels: Mapping[str, str]) -> dict[str, Any]:
-    """Keyword arguments of `client.containers.create` for one server (pure: no engine needed)."""
-    environment = dict(config.environment)
-    spec: dict[str, Any] = {
-        "image": config.image_ref,
-        "command": [*config.launcher, *config.server_args(ports.rpc)],
-        "name": name,
-        "labels": dict(labels),
-        "detach": True,
-        # docker-init as PID 1 forwards SIGTERM to the launcher script (a shell ignores it as PID 1).
-        "init": True,
-        "privileged": config.privileged,
-    }
-    if config.network_mode == "host":
-        spec["network_mode"] = "host"
-    else:
-        # The traffic manager runs inside the client, not the server: only the server's three ports.
-        spec["ports"] = {f"{p}/tcp": (config.bind_address, p) for p in (ports.rpc, ports.streaming, ports.secondary)}
-    if gpu is not None:
-        docker = docker_sdk()
-        spec["device_requests"] = [docker.types.DeviceRequest(device_ids=[gpu], capabilities=[["gpu"]])]
-        # CARLA renders through Vulkan: the container needs the driver's graphics libraries too.
-        environment.setdefault("NVIDIA_DRIVER_CAPABILITIES", "all")
-    if config.runtime:
-        spec["runtime"] = config.runtime
-    if environment:
-        spec["environment"] = environment
-    return spec
-
-
-def _explain(exc: Any, config: CarlaServerConfig) -> str:
-    """A Docker API error, with what to do about the usual ones."""
-    text = str(getattr(exc, "explanation", None) or exc)
-    if "could not select device driver" in text or ("nvidia" in text.lower() and "runtime" in text.lower()):
-        return (f"{text}. A GPU was requested (carla.gpus={config.gpus}) but the engine cannot hand one out: "
-                "install the NVIDIA Container Toolkit (`nvidia-ctk runtime configure --runtime=docker`, then "
-                "restart Docker), or set carla.gpus=[] to run without a GPU request")
-    if "port is already allocated" in text or "address already in use" in text:
-        return f"{text}. Another process took the port after it was found free; start again"
-    return text
-
-
-def _port_open(host: str, port: int, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _logs_of(container: Any, tail: int = LOG_TAIL) -> str:
-    try:
-        return container.logs(tail=tail).decode("utf-8", "replace").rstrip()
-    except Exception as exc:  # the container may be gone already
-        return f"(logs unavailable: {exc})"
-
-
-def _indent(text: str) -> str:
-    return "\n".join(f"    {line}" for line in (text or "(no output)").splitlines())
-
-
-def managed_containers(client: Any, owner: str | None = None, **labels: str) -> list[Any]:
-    """Containers (running or not) with the managed label, the owner and every given label."""
-    wanted = {LABEL_MANAGED: MANAGED_VALUE, **({LABEL_OWNER: owner} if owner else {}), **labels}
-    found = client.containers.list(all=True, filters={"label": [f"{k}={v}" for k, v in wanted.items()]})
-    # Check again here: whatever the engine's filter does, nothing without our labels is ever touched.
-    return [c for c in found if all(c.labels.get(k) == v for k, v in wanted.items())]
-
-
-def is_orphan(container: Any, hostname: str | None = None) -> bool:
-    """True when the process that created ``container`` is gone (same host only; detached servers,
-    started by `drivevla carla up`, belong to no process and are never orphans)."""
-    labels = container.labels
-    if labels.get(LABEL_DETACHED) == "true":
-        return False
-    if labels.get(LABEL_HOST) != (hostname or socket.gethostname()):
-        return False  # its creator may live on another host sharing this engine: leave it
-    try:
-        pid = int(labels.get(LABEL_PID, ""))
-    except ValueError:
-        return False
-    if not _pid_alive(pid):
-        return True
-    started = labels.get(LABEL_PID_START)
-    return bool(started) and _process_start(pid) not in (None, started)
-
-
-def remove_container(container: Any) -> bool:
-    """Kill and remove; True if it was there. CARLA keeps no state worth a graceful shutdown, and
-    a forced remove is what keeps cleanup quick and reliable under Ctrl-C."""
-    docker = docker_sdk()
-    try:
-        container.remove(force=True)
-    except docker.errors.NotFound:
-        return False
-    except docker.errors.APIError as exc:
-        if exc.status_code == 409 and "already in progress" in str(exc):
-            return True  # another cleanup path is removing it right now
-        raise
-    return True
-
-
-def reap_orphans(client: Any, owner: str | None, *, flow_run_id: str | None = None,
-                 hostname: str | None = None) -> list[str]:
-    """Remove the owner's containers left behind by dead runs; return their names.
-
-    With ``flow_run_id``, remove that flow run's containers whatever the state of its process (used by
-    Prefect's on_crashed / on_cancellation hooks). Containers without the managed and owner labels —
-    anything not started by this manager — are never touched.
-    """
-    if owner is None and flow_run_id is None:
-        raise ValueError("reap_orphans needs an owner or a flow run id")
-    extra = {LABEL_FLOW_RUN_ID: flow_run_id} if flow_run_id else {}
-    reaped = []
-    for container in managed_containers(client, owner, **extra):
-        if flow_run_id or is_orphan(container, hostname):
-            if remove_container(container):
-                reaped.append(container.name)
-                log.info("carla: reaped %s (left by %s)", container.name,
-                         f"flow run {flow_run_id}" if flow_run_id else
-                         f"dead process {container.labels.get(LABEL_PID)} on {container.labels.get(LABEL_HOST)}")
-    return reaped
-
-
-def ports_claimed(client: Any) -> set[int]:
-    """Ports recorded in the labels of every managed container on the engine (any owner)."""
-    claimed: set[int] = set()
-    for container in managed_containers(client):
-        text = container.labels.get(LABEL_PORTS)
-        if text:
-            try:
-                claimed.update(ServerPorts.from_label(text).all())
-            except ValueError:
-                pass
-    return claimed
 
 
 class CarlaServerManager:
@@ -475,6 +159,10 @@ class CarlaServerManager:
         if self._servers:
             raise CarlaServerError("this manager already runs servers; stop() them first")
         self._closing.clear()
+        if self.config.exposed:
+            log.warning("carla: network_mode=%s, bind_address=%s: the servers' RPC, which has no authentication, "
+                        "is reachable from other hosts; the default (bridge, 127.0.0.1) keeps it on this host",
+                        self.config.network_mode, self.config.bind_address)
         try:
             self.ensure_image()
             self.reap()
@@ -558,7 +246,7 @@ class CarlaServerManager:
         labels = {
             **self.extra_labels,
             LABEL_MANAGED: MANAGED_VALUE, LABEL_OWNER: self.config.owner, LABEL_SESSION: self.session,
-            LABEL_HOST: socket.gethostname(), LABEL_PID: str(pid), LABEL_PID_START: _process_start(pid) or "",
+            LABEL_HOST: socket.gethostname(), LABEL_PID: str(pid), LABEL_PID_START: process_start(pid) or "",
             LABEL_DETACHED: "true" if self.detached else "false", LABEL_INDEX: str(server.index),
             LABEL_PORTS: server.ports.label(), LABEL_GPU: server.gpu or "",
         }
@@ -575,7 +263,7 @@ class CarlaServerManager:
             server.container = self.client.containers.create(**spec)
             server.container.start()
         except docker.errors.APIError as exc:
-            raise CarlaServerError(f"could not start {server.name}: {_explain(exc, self.config)}") from None
+            raise CarlaServerError(f"could not start {server.name}: {explain_api_error(exc, self.config)}") from None
 
     def _wait_all_ready(self) -> None:
         deadline = time.monotonic() + self.config.ready_timeout_s
@@ -608,7 +296,7 @@ class CarlaServerManager:
             if status in ("exited", "dead", "removed"):
                 code = server.container.attrs.get("State", {}).get("ExitCode") if status != "removed" else None
                 self._fail(server, f"exited (status {status}, exit code {code}) before it was ready")
-            if _port_open(host, port):
+            if port_open(host, port):
                 if self.version_probe is None:
                     log.warning("carla: no version probe given; %s counts as ready once its port is open",
                                 server.name)
@@ -632,9 +320,9 @@ class CarlaServerManager:
                                     f"after {time.monotonic() - t0:.1f} s")
 
     def _fail(self, server: _Server, what: str) -> None:
-        logs = _logs_of(server.container) if server.container is not None else ""
+        logs = logs_of(server.container) if server.container is not None else ""
         message = (f"CARLA server {server.name} ({self.config.image_ref}, rpc port {server.ports.rpc}) {what}. "
-                   f"Its last {LOG_TAIL} log lines:\n{_indent(logs)}\n"
+                   f"Its last {LOG_TAIL} log lines:\n{indent(logs)}\n"
                    "drivevla removes the container. If the server is only slow to start (the first start compiles "
                    "shaders), raise carla.ready_timeout_s; on GPU hosts check the NVIDIA container toolkit.")
         self._emit("failed", server, what)
@@ -668,7 +356,7 @@ class CarlaServerManager:
         """The server's version through the injected probe (raises if it does not answer)."""
         s = self._server(index)
         if self.version_probe is None:
-            if not _port_open(self.host, s.ports.rpc, timeout or self.config.probe_timeout_s):
+            if not port_open(self.host, s.ports.rpc, timeout or self.config.probe_timeout_s):
                 raise CarlaServerError(f"{s.name}: rpc port {s.ports.rpc} is closed")
             return s.version or ""
         return str(self.version_probe(self.host, s.ports.rpc, timeout or self.config.probe_timeout_s))
@@ -689,7 +377,7 @@ class CarlaServerManager:
         return (usage - cache if cache < usage else usage) / 2**20
 
     def logs(self, index: int, tail: int = LOG_TAIL) -> str:
-        return _logs_of(self._server(index).container, tail)
+        return logs_of(self._server(index).container, tail)
 
     def restart(self, index: int, reason: str, *, seen_started_at: str | None = None) -> CarlaEndpoint:
         """Restart one server on the same ports and wait until it is ready; return its new endpoint.
@@ -741,67 +429,3 @@ class CarlaServerManager:
                 self.on_event(ServerEvent(kind, server.name, message, server.index, endpoint))
             except Exception:  # a broken listener must not break the servers
                 log.exception("carla: event listener failed")
-
-
-class LogFollower:
-    """Copies the output of a manager's containers, line by line, to ``sink`` (e.g. a Prefect run
-    logger) until `stop()`; re-attaches after a restart without repeating earlier lines."""
-
-    def __init__(self, manager: CarlaServerManager, sink: Callable[[str, str], None], poll_s: float = 0.5) -> None:
-        self.manager = manager
-        self.sink = sink
-        self.poll_s = poll_s
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    def start(self) -> LogFollower:
-        for index in range(len(self.manager)):
-            thread = threading.Thread(target=self._follow, args=(index,), name=f"carla-logs-{index}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        return self
-
-    def stop(self) -> None:
-        """Stop copying. A thread blocked on a quiet container ends when the container goes: remove
-        the containers, then `join`."""
-        self._stop.set()
-
-    def join(self, timeout: float = 1.0) -> None:
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-    def _follow(self, index: int) -> None:
-        since: float | None = None
-        while not self._stop.is_set():
-            try:
-                server = self.manager._server(index)
-            except IndexError:
-                return  # the manager stopped
-            if server.removed:
-                return
-            try:
-                kwargs = {"stream": True, "follow": True, "timestamps": True}
-                if since:
-                    kwargs["since"] = since
-                for raw in server.container.logs(**kwargs):
-                    for line in raw.decode("utf-8", "replace").splitlines():
-                        stamp, _, text = line.partition(" ")
-                        since = parse_docker_time(stamp) or since
-                        self.sink(server.name, text)
-                    if self._stop.is_set():
-                        return
-            except Exception as exc:
-                log.debug("carla: log stream of %s ended: %s", server.name, exc)
-            # The stream ends when the container stops; a restarted one is followed again.
-            self._stop.wait(self.poll_s)
-
-
-def parse_docker_time(stamp: str) -> float | None:
-    """Docker's RFC 3339 nano timestamp → epoch seconds (+1 µs so the same line is not read twice)."""
-    try:
-        head, _, frac = stamp.rstrip("Z").partition(".")
-        base = datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
-        return base.timestamp() + float(f"0.{frac or '0'}") + 1e-6
-    except ValueError:
-        return None

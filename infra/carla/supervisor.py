@@ -20,8 +20,10 @@ from contextlib import contextmanager
 from typing import Any, overload
 
 from infra.carla.config import CarlaServerConfig
-from infra.carla.manager import (
-    CarlaEndpoint, CarlaServerError, CarlaServerManager, ServerEvent, VersionProbe, parse_docker_time)
+from infra.carla.endpoints import CarlaEndpoint
+from infra.carla.errors import CarlaServerError
+from infra.carla.logs import parse_docker_time
+from infra.carla.manager import CarlaServerManager, ServerEvent, VersionProbe
 
 log = logging.getLogger(__name__)
 

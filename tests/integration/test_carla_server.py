@@ -3,7 +3,8 @@
 No registry is used: `tests/stubs/build_stub_image.py` imports a static busybox plus two shell scripts
 as ``drivevla-test/carla-stub:0.9.16``; it opens the rpc port after a delay and answers the real
 `carla` client's ``get_server_version()``. Containers run with ``network_mode=host`` (the only mode of
-an engine started with ``--bridge=none``). Every test uses its own owner label and removes whatever
+an engine started with ``--bridge=none``); the default, bridge with loopback-published ports, is checked
+on a created container. Every test uses its own owner label and removes whatever
 carries it, so nothing is left running. Docker tests are skipped only when no engine is reachable.
 """
 from __future__ import annotations
@@ -24,9 +25,10 @@ from pathlib import Path
 import pytest
 
 from infra.carla import (
-    CarlaServerConfig, CarlaServerManager, CarlaServerNotReady, DockerUnavailable,
-    ServerEvent, carla_servers, connect_docker, managed_containers, reap_orphans)
-from infra.carla.manager import LABEL_FLOW_RUN_ID, LABEL_PID, _port_open
+    CarlaServerConfig, CarlaServerManager, CarlaServerNotReady, DockerUnavailable, ServerEvent, ServerPorts,
+    carla_servers, connect_docker, container_spec, managed_containers, reap_orphans)
+from infra.carla.engine import port_open as _port_open
+from infra.carla.labels import LABEL_FLOW_RUN_ID, LABEL_MANAGED, LABEL_OWNER, LABEL_PID, MANAGED_VALUE
 from tests.stubs.build_stub_image import STUB_REPOSITORY, build_stub_image
 from tests.stubs.carla_stub_server import StubServer, version_reply, version_request
 
@@ -75,7 +77,9 @@ def owner(docker_client) -> str:
 @pytest.fixture
 def make_config(owner, stub_image):
     def make(**overrides) -> CarlaServerConfig:
+        # Host networking: the only mode in which an engine started with --bridge=none reaches a server.
         values = dict(image=STUB_REPOSITORY, tag=VERSION, pull="never", owner=owner, base_port=24000,
+                      network_mode="host",
                       ready_timeout_s=20, probe_timeout_s=2, health_interval_s=0.3, stop_timeout_s=1,
                       extra_args=["-stub-delay=0.3"])
         values.update(overrides)
@@ -112,6 +116,24 @@ def test_python_stub_answers_the_real_client():
 
 
 # -- against the engine ---------------------------------------------------------------------------
+
+@pytest.mark.docker
+def test_default_server_container_publishes_its_ports_on_loopback_only(docker_client, owner, make_config):
+    """Issue #12: the engine itself records the default spec's ports bound to 127.0.0.1, and no host network."""
+    config = make_config(network_mode=CarlaServerConfig.model_fields["network_mode"].default)
+    assert config.network_mode == "bridge" and not config.exposed
+    manager = CarlaServerManager(config, client=docker_client)
+    spec = container_spec(config, name=f"{owner}-spec", ports=ServerPorts.block(24990), gpu=None,
+                          labels={LABEL_MANAGED: MANAGED_VALUE, LABEL_OWNER: owner})
+    spec.pop("detach")
+    container = docker_client.containers.create(**spec)   # created, not started: nothing listens
+    host_config = container.attrs["HostConfig"]
+    assert host_config["NetworkMode"] != "host"
+    bindings = host_config["PortBindings"]
+    assert sorted(bindings) == ["24990/tcp", "24991/tcp", "24992/tcp"]
+    assert {b["HostIp"] for binds in bindings.values() for b in binds} == {"127.0.0.1"}
+    assert manager.host == "127.0.0.1"
+
 
 @pytest.mark.docker
 def test_stub_image_speaks_msgpack_rpc_like_the_python_stub(docker_client, make_config):
@@ -513,6 +535,7 @@ def test_cli_up_status_logs_down(docker_client, owner, stub_image, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"carla": {"image": STUB_REPOSITORY, "tag": VERSION, "pull": "never",
                                                 "owner": owner, "base_port": 24000, "ready_timeout_s": 20,
+                                                "network_mode": "host",
                                                 "extra_args": ["-stub-delay=0.3"]}}))
     runner = CliRunner()
 

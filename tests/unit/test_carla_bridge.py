@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from stages.envs.carla_bridge import (
-    CARLABridge, CARLARewardWrapper, CarlaConnectionError, RoadOption, Route, RoutePlanner, SimulatorConfig,
+    CARLABridge, CARLARewardWrapper, CarlaConnectionError, Lifecycle, RoadOption, Route, RoutePlanner, SimulatorConfig,
     command_text, is_connection_error, load_carla, make_carla_env, server_version)
 from stages.envs.config import EnvConfig, RewardConfig
 from stages.envs.rewards import compute_driving_reward, reward_terms
@@ -72,6 +72,17 @@ def test_importing_the_bridge_does_not_import_carla(project_root):
     out = subprocess.run([sys.executable, "-c", code], cwd=project_root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "CARLABridge" in out.stdout
+
+
+def test_the_bridge_reads_endpoints_without_the_docker_manager(project_root):
+    """Layers (issue #13): the endpoint list comes from infra.carla.endpoints; neither the container
+    manager nor the docker SDK loads with the bridge."""
+    code = ("import sys; import stages.envs.carla_bridge\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith('infra.carla.') or m == 'docker')\n"
+            "print(' '.join(loaded))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=project_root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["infra.carla.endpoints", "infra.carla.errors"]
 
 
 def test_missing_carla_names_the_extra(monkeypatch):
@@ -695,7 +706,7 @@ def test_a_bridge_follows_its_server_to_the_ports_of_the_listing(fake, published
     write_endpoints_file(listing, [endpoints[0], _endpoint(1, 2012, generation=1)])
     with pytest.raises(CarlaConnectionError):
         env.step(IDLE)
-    with caplog.at_level("WARNING", logger="stages.envs.carla_bridge.bridge"):
+    with caplog.at_level("WARNING", logger="stages.envs.carla_bridge.session"):
         obs, _ = env.reset()
     assert (env.config.carla_host, env.config.carla_port, env.config.tm_port) == ("localhost", 2012, 2015)
     assert "env slot 1: CARLA server carla-1 moved from localhost:2004" in caplog.text
@@ -761,6 +772,35 @@ def test_initialize_builds_the_episode_and_the_first_reset_reuses_it(fake, serve
     assert bridge.spawned_actor_ids == ids
     bridge.reset(seed=5)
     assert set(bridge.spawned_actor_ids).isdisjoint(ids)
+    bridge.close()
+
+
+def test_lifecycle_is_one_state_through_initialize_step_failure_reset_and_close(fake, server):
+    bridge = make_bridge(fake)
+    assert bridge.lifecycle is Lifecycle.DISCONNECTED and not bridge.connected
+    with pytest.raises(RuntimeError, match="reset"):
+        bridge.step(IDLE)
+    bridge.initialize()
+    assert bridge.lifecycle is Lifecycle.FRESH and bridge.connected
+    bridge.step(IDLE)
+    assert bridge.lifecycle is Lifecycle.RUNNING
+    server.fail_next()
+    with pytest.raises(CarlaConnectionError):
+        bridge.step(IDLE)
+    assert bridge.lifecycle is Lifecycle.BROKEN and not bridge.connected
+    with pytest.raises(CarlaConnectionError):
+        bridge.step(IDLE)                                    # broken until reset
+    bridge.reset()
+    assert bridge.lifecycle is Lifecycle.RUNNING and bridge.connected
+    bridge.reconnect()
+    assert bridge.lifecycle is Lifecycle.CONNECTED
+    with pytest.raises(RuntimeError, match="reset"):
+        bridge.expert_action()
+    bridge.reset()
+    bridge.close()
+    assert bridge.lifecycle is Lifecycle.DISCONNECTED and not server.world.fake_actors
+    bridge.reset()                                           # a closed bridge connects again
+    assert bridge.lifecycle is Lifecycle.RUNNING
     bridge.close()
 
 

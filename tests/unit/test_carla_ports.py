@@ -1,6 +1,7 @@
 """Ports, config and container spec of the CARLA server manager (no Docker engine needed)."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import subprocess
@@ -13,10 +14,10 @@ import pytest
 from pydantic import ValidationError
 
 from infra.carla import (
-    CarlaEndpoint, CarlaServerConfig, CarlaServerError, NoFreePorts, ServerPorts, allocate_ports, container_spec,
-    endpoints_from_env, endpoints_to_env, port_is_free, release_ports)
-from infra.carla.manager import (
-    LABEL_DETACHED, LABEL_HOST, LABEL_PID, LABEL_PID_START, _process_start, is_orphan)
+    CarlaEndpoint, CarlaServerConfig, CarlaServerError, CarlaServerManager, NoFreePorts, ServerPorts, allocate_ports,
+    container_spec, endpoints_from_env, endpoints_to_env, port_is_free, release_ports)
+from infra.carla.labels import LABEL_DETACHED, LABEL_HOST, LABEL_PID, LABEL_PID_START, is_orphan
+from infra.carla.labels import process_start as _process_start
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = 31000  # away from CARLA's defaults, so a server running on this machine does not matter
@@ -101,7 +102,7 @@ def test_no_free_ports_says_what_to_do():
 def test_config_defaults_match_the_pip_client_and_the_seed_flags():
     cfg = CarlaServerConfig()
     assert cfg.image_ref == "carlasim/carla:0.9.16"
-    assert cfg.network_mode == "host" and cfg.bind_address == "127.0.0.1" and not cfg.privileged
+    assert cfg.network_mode == "bridge" and cfg.bind_address == "127.0.0.1" and not cfg.privileged
     assert cfg.server_args(2000) == ["-RenderOffScreen", "-nosound", "-carla-rpc-port=2000",
                                      "-carla-streaming-port=2001", "-carla-secondary-port=2002",
                                      "-quality-level=Low"]
@@ -123,9 +124,39 @@ def test_config_validates():
 
 # -- container spec ------------------------------------------------------------------------------------
 
+def test_default_spec_publishes_the_servers_ports_on_loopback_only():
+    """The RPC has no authentication (issue #12): by default nothing listens beyond this host."""
+    cfg = CarlaServerConfig()
+    spec = container_spec(cfg, name="s0", ports=ServerPorts.block(2000), gpu=None, labels={})
+    assert "network_mode" not in spec                        # the engine's bridge network, not the host's
+    assert spec["ports"] == {"2000/tcp": ("127.0.0.1", 2000), "2001/tcp": ("127.0.0.1", 2001),
+                             "2002/tcp": ("127.0.0.1", 2002)}
+    assert all(ipaddress.ip_address(host).is_loopback for host, _ in spec["ports"].values())
+    assert not cfg.exposed and not spec["privileged"]
+    # Clients connect where the ports are published.
+    assert CarlaServerManager(cfg, client=object()).host == "127.0.0.1"
+
+
+def test_exposing_the_rpc_is_an_explicit_choice_that_is_logged(caplog):
+    assert CarlaServerConfig(network_mode="host").exposed
+    assert CarlaServerConfig(bind_address="0.0.0.0").exposed
+    assert not CarlaServerConfig(bind_address="::1").exposed
+
+    class NoEngine:
+        @property
+        def images(self):
+            raise RuntimeError("no engine in this test")
+
+    manager = CarlaServerManager(CarlaServerConfig(network_mode="host"), client=NoEngine())
+    with caplog.at_level("WARNING", logger="infra.carla.manager"), pytest.raises(RuntimeError, match="no engine"):
+        manager.start()
+    assert "reachable from other hosts" in caplog.text and "network_mode=host" in caplog.text
+
+
 def test_spec_host_network_no_gpu():
     ports = ServerPorts.block(2000)
-    spec = container_spec(CarlaServerConfig(), name="s0", ports=ports, gpu=None, labels={"a": "b"})
+    spec = container_spec(CarlaServerConfig(network_mode="host"), name="s0", ports=ports, gpu=None,
+                          labels={"a": "b"})
     assert spec["image"] == "carlasim/carla:0.9.16"
     assert spec["command"][:2] == ["/bin/bash", "./CarlaUE4.sh"] and "-carla-rpc-port=2000" in spec["command"]
     assert spec["network_mode"] == "host" and "ports" not in spec
@@ -189,3 +220,15 @@ def test_missing_docker_sdk_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
     assert "pip install -e .[docker]" in out
+
+
+def test_without_the_carla_client_readiness_falls_back_to_the_open_port(monkeypatch):
+    """bridge_version_probe's documented fallback: no client, no probe (not a probe failing until the deadline)."""
+    from stages.envs.carla_bridge import server_version
+    from tasks.carla_resource import bridge_version_probe
+
+    monkeypatch.setitem(sys.modules, "carla", None)   # makes `import carla` raise ImportError
+    assert bridge_version_probe() is None
+    monkeypatch.undo()
+    pytest.importorskip("carla", reason="the carla extra is not installed (pip install -e .[carla])")
+    assert bridge_version_probe() is server_version

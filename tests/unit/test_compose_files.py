@@ -131,3 +131,14 @@ def test_training_dockerfile_copies_what_exists():
     missing = [s for s in sources if not (ROOT / s).exists()]
     assert not missing, f"COPY sources missing from the build context: {missing}"
     assert '"stages.online"' in dockerfile
+
+
+def test_training_image_runs_as_a_non_root_user():
+    """Issue #12: the trainer's process gets no root; the user is made in the image, the last USER is it."""
+    dockerfile = (DOCKER_DIR / "Dockerfile.training").read_text()
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, re.M)
+    assert users and users[-1] not in ("root", "0", "0:0"), users
+    assert re.search(rf"useradd\b[^\n]*\b{re.escape(users[-1])}\s*$", dockerfile, re.M)
+    # Everything after the last USER runs as that user: no install step may follow it.
+    tail = dockerfile[dockerfile.rindex(f"USER {users[-1]}"):]
+    assert not re.search(r"^RUN\b", tail, re.M)

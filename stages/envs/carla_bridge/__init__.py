@@ -8,7 +8,8 @@ work without the ``carla`` extra (``pip install -e .[carla]``).
   control_dt, image size) plus traffic manager port, time-outs, scenario, traffic, episode, reward.
 - `CARLABridge`: a gymnasium env with the embedded backend's observation / action / info; the seed's
   ``initialize()``; ``reconnect()`` for a server supervisor.
-- `CarlaConnectionError`: the one recoverable error (time-out, lost connection).
+- `CarlaConnectionError`: the one recoverable error (time-out, lost connection); `Lifecycle`: where a
+  bridge is (`CARLABridge.lifecycle`).
 - `server_version(host, port, timeout)`: the readiness probe.
 - `make_carla_env(env_config, seed, slot=0)`: what `stages.envs.make_env` calls for ``backend='carla'``;
   env slot k connects to server k of the CARLA resource's endpoint list.
@@ -18,15 +19,17 @@ work without the ``carla`` extra (``pip install -e .[carla]``).
 """
 from __future__ import annotations
 
-from stages.envs.carla_bridge.bridge import CARLABridge, image_to_rgb, make_carla_env, server_version
 from stages.envs.carla_bridge.config import SimulatorConfig
 from stages.envs.carla_bridge.endpoints import check_server_slots, slot_endpoint
+from stages.envs.carla_bridge.env import CARLABridge, make_carla_env
 from stages.envs.carla_bridge.errors import INSTALL_HINT, CarlaConnectionError, is_connection_error, load_carla
 from stages.envs.carla_bridge.routing import RoadOption, Route, RoutePlanner, RouteTracker, command_text
+from stages.envs.carla_bridge.sensors import image_to_rgb
+from stages.envs.carla_bridge.session import Lifecycle, server_version
 from stages.envs.rewards import CARLARewardWrapper
 
 __all__ = [
-    "CARLABridge", "CARLARewardWrapper", "CarlaConnectionError", "INSTALL_HINT", "RoadOption", "Route",
+    "CARLABridge", "CARLARewardWrapper", "CarlaConnectionError", "INSTALL_HINT", "Lifecycle", "RoadOption", "Route",
     "RoutePlanner", "RouteTracker", "SimulatorConfig", "command_text", "image_to_rgb", "is_connection_error",
     "check_server_slots", "load_carla", "make_carla_env", "server_version", "slot_endpoint",
 ]

@@ -26,7 +26,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stages.envs.carla_bridge.endpoints import slot_endpoint
 from stages.envs.config import EnvConfig, RewardConfig, ScenarioName, resolve_reward
+from stages.envs.scenarios import get_scenario
 
 # CARLA caps the number of physics sub-steps per tick at 16 (WorldSettings.max_substeps).
 MAX_SUBSTEPS = 16
@@ -149,8 +151,6 @@ class SimulatorConfig(BaseModel):
     @property
     def town(self) -> str:
         """The town the episode runs in: an explicit ``carla_town``, else the scenario's, else Town01."""
-        from stages.envs.scenarios import get_scenario
-
         if "carla_town" in self.model_fields_set:
             return self.carla_town
         return get_scenario(self.scenario).carla.town or self.carla_town
@@ -162,20 +162,14 @@ class SimulatorConfig(BaseModel):
         Weather persists on the server across clients, so a scenario without its own weather still
         sets one: the previous user's ClearNight must not leak into an urban run.
         """
-        from stages.envs.scenarios import get_scenario
-
         return get_scenario(self.scenario).carla.weather or "ClearNoon"
 
     @property
     def vehicles(self) -> int:
-        from stages.envs.scenarios import get_scenario
-
         return get_scenario(self.scenario).carla.vehicles if self.num_vehicles is None else self.num_vehicles
 
     @property
     def walkers(self) -> int:
-        from stages.envs.scenarios import get_scenario
-
         return get_scenario(self.scenario).carla.pedestrians if self.num_walkers is None else self.num_walkers
 
     def resolved_reward(self) -> RewardConfig:
@@ -194,8 +188,6 @@ class SimulatorConfig(BaseModel):
         well. The control step is the env's ``policy_frequency``; physics keeps the seed's 60 Hz
         where that divides the step, else the nearest finer rate that does.
         """
-        from stages.envs.carla_bridge.endpoints import slot_endpoint
-
         control_dt = 1.0 / cfg.policy_frequency
         physics_dt = control_dt / max(1, math.ceil(control_dt * 60.0 - 1e-9))
         explicit = bool({"carla_host", "carla_port", "traffic_manager_port"} & overrides.keys())

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from infra.carla.manager import ENV_VAR, FILE_ENV_VAR, CarlaEndpoint, CarlaServerError, current_endpoints
+from infra.carla.endpoints import ENV_VAR, FILE_ENV_VAR, CarlaEndpoint, current_endpoints
+from infra.carla.errors import CarlaServerError
 from stages.envs.slots import EnvSlotError
 
 __all__ = ["CarlaEndpoint", "CarlaServerError", "EnvSlotError", "check_server_slots", "listed_endpoints",

@@ -15,6 +15,8 @@ import re
 from types import ModuleType
 from typing import Any
 
+from infra.packages import require_package
+
 INSTALL_HINT = "pip install -e .[carla]"
 
 # Substrings of the RuntimeError messages that mean the server (or the connection to it) is gone.
@@ -40,12 +42,8 @@ def is_connection_error(error: BaseException) -> bool:
 
 
 def load_carla(module: Any = None) -> ModuleType | Any:
-    """The `carla` client module: ``module`` when given (tests hand in a fake), else the installed one."""
+    """The `carla` client module: ``module`` when given (tests hand in a fake), else the installed one
+    (`MissingPackage`, an ImportError naming ``pip install -e .[carla]``, when it is not)."""
     if module is not None:
         return module
-    try:
-        import carla  # the only `import carla` of drivevla
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            f"the CARLA backend needs the CARLA Python client (carla==0.9.16): {INSTALL_HINT}") from error
-    return carla
+    return require_package("carla", "carla", "the CARLA bridge")   # the only import of `carla` in drivevla

@@ -1,0 +1,186 @@
+"""What a step measures on the server: speed, lane offset and heading error, whether the ego is on the road,
+the infractions, the command of the route, the gap to whatever is ahead — ``info`` and the observation.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from stages.envs import captions
+from stages.envs.carla_bridge.config import SimulatorConfig
+from stages.envs.carla_bridge.routing import RouteTracker
+from stages.envs.spaces import FRONT_DISTANCE_MAX, make_state, sanitize_command
+
+
+def wrap_angle(angle: float) -> float:
+    """``angle`` in [-pi, pi)."""
+    return (angle + math.pi) % (2 * math.pi) - math.pi
+
+
+class MeasureMixin:
+    """Measurement of `CARLABridge` (the state it uses is set in `CARLABridge.__init__`)."""
+
+    config: SimulatorConfig
+    carla: Any
+    scenario: str
+    target_speed: float
+    _map: Any
+    _spawned: Any
+    _tracker: RouteTracker | None
+    _infractions: dict[str, int]
+    _command: str
+    _on_road: bool
+    _front_gap: float
+    _frame_id: int
+    _last_action: np.ndarray
+    _rgb: np.ndarray | None
+    _info: dict[str, Any]
+    _obs: dict[str, Any] | None
+
+    if TYPE_CHECKING:
+        def _caption(self, speed: float, lateral: float, lane_number: int | None, lanes_count: int | None,
+                     yaw: float, xy: np.ndarray, lane_wp: Any, collided: bool) -> str: ...   # CaptionMixin
+
+    @staticmethod
+    def _zero_infractions() -> dict[str, int]:
+        # The embedded backend's keys, so that evaluation summaries compare across backends.
+        return {"collision": 0, "off_road": 0, "lane_invasion": 0, "wrong_way": 0, "speeding": 0}
+
+    def _lane_reference(self, location: Any, xy: np.ndarray) -> tuple[float, float, Any]:
+        """(lateral offset m, positive right; lane heading rad; lane waypoint or None)."""
+        wp = self._map.get_waypoint(location, project_to_road=True, lane_type=self.carla.LaneType.Driving)
+        if wp is None or wp.is_junction:
+            # Junction lanes overlap: the nearest one may be any of them, so the route says which.
+            assert self._tracker is not None
+            lateral, heading = self._tracker.reference(xy)
+            return lateral, heading, wp
+        w = wp.transform
+        heading = math.radians(w.rotation.yaw)
+        right = np.array([-math.sin(heading), math.cos(heading)])
+        lateral = float(np.dot(xy - np.array([w.location.x, w.location.y]), right))
+        return lateral, heading, wp
+
+    def _lanes_around(self, wp: Any) -> tuple[int | None, int | None]:
+        """(lane number from the left, 1-based; lanes in the ego's direction) of a waypoint."""
+        if wp is None or wp.is_junction:
+            return None, None
+        driving = self.carla.LaneType.Driving
+
+        def count(step: str) -> int:
+            n, cur = 0, wp
+            for _ in range(8):
+                cur = getattr(cur, step)()
+                if cur is None or cur.lane_type != driving or (cur.lane_id > 0) != (wp.lane_id > 0):
+                    break
+                n += 1
+            return n
+
+        left, right = count("get_left_lane"), count("get_right_lane")
+        return left + 1, left + right + 1
+
+    def _measure(self, collisions: list[tuple[int, str]], invasions: list[tuple[int, tuple[str, ...]]]
+                 ) -> dict[str, Any]:
+        ego, tracker, carla = self._spawned.ego, self._tracker, self.carla
+        assert ego is not None and tracker is not None
+        t = ego.get_transform()
+        v = ego.get_velocity()
+        loc = t.location
+        yaw = math.radians(t.rotation.yaw)
+        xy = np.array([loc.x, loc.y], dtype=np.float64)
+        speed = float(v.x * math.cos(yaw) + v.y * math.sin(yaw))   # along the heading
+        tracker.update(xy)
+        lateral, lane_heading, lane_wp = self._lane_reference(loc, xy)
+        heading_error = wrap_angle(yaw - lane_heading)
+        self._on_road = self._map.get_waypoint(loc, project_to_road=False,
+                                               lane_type=carla.LaneType.Driving) is not None
+
+        inf = self._infractions
+        inf["collision"] += len(collisions)
+        inf["lane_invasion"] += len(invasions)
+        if not self._on_road:
+            inf["off_road"] += 1
+        if abs(heading_error) > math.pi / 2:
+            inf["wrong_way"] += 1
+        limit = float(ego.get_speed_limit()) / 3.6    # km/h -> m/s
+        if limit > 0 and speed > 1.1 * max(limit, self.target_speed):
+            inf["speeding"] += 1
+
+        self._command = tracker.command(self.config.command_lookahead_m) if not tracker.finished \
+            else captions.FOLLOW_LANE
+        lane_number, lanes_count = self._lanes_around(lane_wp)
+        collided = bool(collisions)
+        self._front_gap = self._front_distance(xy)
+        return {
+            "velocity": np.array([v.x, -v.y, v.z], dtype=np.float32),
+            "speed": speed,
+            "lane_deviation": float(lateral),
+            "heading_error": float(heading_error),
+            "collision": collided,
+            "route_completion": tracker.completion,
+            "infractions": dict(inf),
+            "ego_pose": np.array([loc.x, -loc.y, wrap_angle(-yaw)], dtype=np.float32),
+            "command": self._command,
+            "caption": self._caption(speed, lateral, lane_number, lanes_count, yaw, xy, lane_wp, collided),
+            "scenario": self.scenario,
+            "lane_index": int(lane_number - 1) if lane_number is not None else 0,
+            "done_reason": "",
+            "town": self.config.town,
+            "frame": int(self._frame_id),
+        }
+
+    def _others(self) -> list[tuple[Any, str]]:
+        out: list[tuple[Any, str]] = []
+        for actor in self._spawned.vehicles:
+            kind = "car"
+            attrs = getattr(actor, "attributes", {}) or {}
+            if attrs.get("base_type") in ("truck", "van", "motorcycle", "bicycle", "bus"):
+                kind = str(attrs["base_type"])
+            out.append((actor, kind))
+        out.extend((actor, "pedestrian") for actor in self._spawned.walkers)
+        return out
+
+    def _front_distance(self, xy: np.ndarray) -> float:
+        """Bumper gap to the nearest vehicle or walker on the route ahead, capped at FRONT_DISTANCE_MAX."""
+        tracker, ego = self._tracker, self._spawned.ego
+        assert tracker is not None
+        r = tracker.route
+        i = tracker.index
+        end = int(np.searchsorted(r.s, tracker.progress + FRONT_DISTANCE_MAX + 10.0, side="right"))
+        pts, s, width = r.xy[i:max(end, i + 1)], r.s[i:max(end, i + 1)], r.width[i:max(end, i + 1)]
+        ego_half = float(ego.bounding_box.extent.x)
+        best = FRONT_DISTANCE_MAX
+        for actor, _ in self._others():
+            loc = actor.get_location()
+            p = np.array([loc.x, loc.y])
+            if float(np.sum((p - xy) ** 2)) > (FRONT_DISTANCE_MAX + 15.0) ** 2:
+                continue
+            d2 = np.sum((pts - p) ** 2, axis=1)
+            k = int(np.argmin(d2))
+            if math.sqrt(float(d2[k])) > width[k] / 2 + 0.5:
+                continue
+            ahead = float(s[k] - tracker.progress)
+            if ahead <= 0:
+                continue
+            gap = ahead - ego_half - float(actor.bounding_box.extent.x)
+            best = min(best, max(gap, 0.0))
+        return best
+
+    def _observe(self) -> dict[str, Any]:
+        a = self._last_action
+        tracker = self._tracker
+        assert tracker is not None and self._rgb is not None
+        info = self._info
+        state = make_state({
+            "speed": info["speed"], "lateral_offset": info["lane_deviation"],
+            "heading_error": info["heading_error"], "last_throttle": a[0], "last_steer": a[1],
+            "last_brake": a[2], "front_distance": min(self._front_gap, FRONT_DISTANCE_MAX),
+            "route_completion": tracker.completion,
+        })
+        return {"image": self._rgb, "state": state, "command": sanitize_command(self._command)}
+
+    def _copy_obs(self) -> dict[str, Any]:
+        assert self._obs is not None
+        return {"image": self._obs["image"].copy(), "state": self._obs["state"].copy(),
+                "command": self._obs["command"]}
