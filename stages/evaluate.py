@@ -28,14 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from infra.files import sha256_file
+from models import DrivingVLA
 from stages.common import (StageInputError, resolve_device, save_figure, seed_everything, stage_main, staged_dir,
-                           write_json)
+                           torch_threads, write_json)
 from stages.config import EvaluateParams
+from stages.envs import make_env
 from stages.metrics.driving_score import summarise
 from stages.resume import ResumePoint, fingerprint
+from stages.rl.evaluation import rollout_policy, step_seconds
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +62,6 @@ def evaluate_params(cfg: Any) -> EvaluateParams:
 # ------------------------------------------------------------------------------------------------
 
 def run(cfg: Any, params: EvaluateParams | None = None) -> dict[str, Any]:
-    from stages.envs import make_env
-    from stages.rl.evaluation import rollout_policy, step_seconds, torch_threads
-
     p = params or evaluate_params(cfg)
     scenarios = list(p.scenarios or [cfg.env.scenario])
     seed_everything(cfg.seed)
@@ -134,8 +135,6 @@ def run(cfg: Any, params: EvaluateParams | None = None) -> dict[str, Any]:
 
 
 def _load_checkpoint(path: Path, image_size: int, device: str) -> Any:
-    from models import DrivingVLA
-
     if not (path / "config.json").is_file():
         raise StageInputError(f"checkpoint {path} not found (no config.json): run the online stage first, "
                               "or point --set evaluate.checkpoint=DIR at a folder written by save_pretrained")
@@ -235,8 +234,6 @@ def plot_strip(media: dict[str, Any], path: str | Path, count: int = 8) -> Path:
 
 def write_gif(media: dict[str, Any], path: str | Path) -> Path:
     """The filmed episode as an animated GIF (frames scaled up, a caption band under each)."""
-    from PIL import Image, ImageDraw, ImageFont
-
     frames = media["frames"]
     side = frames.shape[1]
     scale = max(1, GIF_SIDE // side)
