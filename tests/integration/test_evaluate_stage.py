@@ -77,7 +77,7 @@ def test_evaluate_writes_metrics_plots_and_an_episode(cfg, checkpoint, tmp_path,
 
 
 def test_a_killed_evaluation_resumes_and_matches_a_fresh_one(cfg, checkpoint, tmp_path, monkeypatch):
-    import stages.rl.evaluation as evaluation
+    import stages.evaluate as evaluation  # the stage's own name for the rollout is what to patch
 
     p = params(checkpoint, scenarios=["highway"], episodes=2, gif=False)
     fresh_dir = tmp_path / "fresh"
