@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from stages.data.dataset import DatasetError
+from infra.packages import require_package
+from stages.data.errors import DatasetError
 from stages.data.nuscenes_schema import (CAMERA_CHANNELS, CAN_BUS_UNUSABLE_SCENES, LIDAR_CHANNEL, REFERENCES,
                                          REQUIRED_FIELDS, SCENE_NAME_RE, TABLES, NuScenesFormatError,
                                          command_from_trajectory, quaternion_yaw, wrap_angle)
@@ -168,7 +169,7 @@ def load_nuscenes(dataroot: str | Path, version: str = "v1.0-mini", channels: Se
                   validate: bool = True) -> Any:
     """`validate_nuscenes`, then the devkit's `NuScenes` built from the tables already parsed (parsing
     trainval's sample_annotation.json twice would cost tens of seconds)."""
-    from nuscenes.nuscenes import NuScenes
+    NuScenes = require_package("nuscenes.nuscenes", "nuscenes", "reading nuScenes").NuScenes
 
     class _ParsedNuScenes(NuScenes):
         def __init__(self, parsed: dict[str, list[dict[str, Any]]], **kwargs: Any):
@@ -194,8 +195,7 @@ def select_scenes(nusc: Any, split: str | None, val_fraction: float = 0.2) -> li
     """Scene records of ``split`` (the devkit's official lists; ``train`` / ``val`` mean ``mini_train`` /
     ``mini_val`` on a mini version). When the dataset has none of the version's official scene names,
     a deterministic split is used instead: scenes sorted by name, the last ``val_fraction`` are val."""
-    from nuscenes.utils.splits import create_splits_scenes
-
+    create_splits_scenes = require_package("nuscenes.utils.splits", "nuscenes", "reading nuScenes").create_splits_scenes
     scenes = sorted(nusc.scene, key=lambda s: s["name"])
     if split is None:
         return scenes
@@ -230,9 +230,8 @@ class _CanBus:
     def __init__(self, root: Path | None):
         self.api = None
         if root is not None and (root / "can_bus").is_dir():
-            from nuscenes.can_bus.can_bus_api import NuScenesCanBus
-
-            self.api = NuScenesCanBus(dataroot=str(root))
+            can_bus_api = require_package("nuscenes.can_bus.can_bus_api", "nuscenes", "reading nuScenes CAN bus data")
+            self.api = can_bus_api.NuScenesCanBus(dataroot=str(root))
 
     def pose_track(self, scene_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """``(utime, forward speed, yaw rate)`` arrays sorted by time, or None without CAN data."""
@@ -297,8 +296,7 @@ def _load_image(path: Path, image_size: int | None) -> np.ndarray:
 
 def _to_ego(points: np.ndarray, pose: dict[str, Any]) -> np.ndarray:
     """Global points ``[M, 3]`` into the ego frame of ``pose`` (translation, then the inverse rotation)."""
-    from pyquaternion import Quaternion
-
+    Quaternion = require_package("pyquaternion", "nuscenes", "reading nuScenes").Quaternion
     rot = Quaternion(pose["rotation"]).inverse.rotation_matrix
     return (points - np.asarray(pose["translation"], dtype=np.float64)) @ rot.T
 
@@ -321,7 +319,7 @@ def _ego_motion(nusc: Any, sd: dict[str, Any]) -> tuple[float, float]:
     return forward / seconds, turn / seconds
 
 
-def _agents(nusc: Any, sample: dict[str, Any], pose: dict[str, Any], categories: Sequence[str]) -> np.ndarray:
+def annotated_boxes(nusc: Any, sample: dict[str, Any], pose: dict[str, Any], categories: Sequence[str]) -> np.ndarray:
     anns = [nusc.get("sample_annotation", t) for t in sample["anns"]]
     anns = [a for a in anns if a["category_name"].startswith(tuple(categories))]
     if not anns:
@@ -365,7 +363,7 @@ def iter_nuscenes(nusc: Any, scenes: Sequence[dict[str, Any]], channels: Sequenc
             yield {"image": images[0] if len(channels) == 1 else np.stack(images),
                    "speed": speed, "yaw_rate": yaw_rate, "trajectory": trajectory,
                    "command": command_from_trajectory(trajectory), "caption": scene.get("description", ""),
-                   "agents": _agents(nusc, sample, pose, agent_categories), "scene": scene["name"],
+                   "agents": annotated_boxes(nusc, sample, pose, agent_categories), "scene": scene["name"],
                    "sample_token": sample["token"], "timestamp": int(sample["timestamp"]),
                    "speed_from_can": track is not None}
 
