@@ -60,6 +60,9 @@ class DataParams(_Strict):
                                                         "drives written as nuScenes at nuscenes_out")
     nuscenes_version: str = Field("v1.0-trainval", pattern=r"^v1\.0-(mini|trainval|test)$")
     nuscenes_out: str = "data/nuscenes-sim"
+    nuscenes_strict: bool = Field(False, description="reject the whole nuScenes folder when a keyframe lacks "
+                                                     "a camera keyframe (False: skip such samples, counted in "
+                                                     "the metric nuscenes_skipped_samples)")
     built: str = Field("data/train", description="the sharded training dataset")
     shard_size: int = Field(1024, ge=16, description="samples per shard (whole episodes per shard)")
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes")
