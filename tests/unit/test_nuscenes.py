@@ -290,10 +290,10 @@ def test_log_without_map_and_missing_version(dataroot: Path, tmp_path: Path) -> 
         validate_nuscenes(root, "v1.0-trainval")
 
 
-def drop_camera_keyframe(root: Path, scene_index: int = 0, sample_index: int = 2) -> str:
+def drop_camera_keyframe(root: Path, scene_index: int = 0, sample_index: int = 2, version: str = VERSION) -> str:
     """Demote the CAM_FRONT keyframe of one sample to a sweep (a camera dropout): the sample keeps its
     lidar and annotations but has no CAM_FRONT keyframe. Returns the sample's token."""
-    tables = {n: json.loads((root / VERSION / f"{n}.json").read_text())
+    tables = {n: json.loads((root / version / f"{n}.json").read_text())
               for n in ("scene", "sample", "sample_data", "calibrated_sensor", "sensor")}
     scene = sorted(tables["scene"], key=lambda s: s["name"])[scene_index]
     by_token = {s["token"]: s for s in tables["sample"]}
@@ -306,7 +306,7 @@ def drop_camera_keyframe(root: Path, scene_index: int = 0, sample_index: int = 2
     hits = [r for r in rows if r["sample_token"] == token and r["is_key_frame"] and r["calibrated_sensor_token"] in front_cs]
     assert len(hits) == 1
     hits[0]["is_key_frame"] = False
-    (root / VERSION / "sample_data.json").write_text(json.dumps(rows))
+    (root / version / "sample_data.json").write_text(json.dumps(rows))
     return token
 
 
