@@ -28,7 +28,8 @@ def project_imports(path: Path) -> set[str]:
             names = [a.name for a in node.names]
         else:
             continue
-        found.update(n for n in names if n.startswith("stages.data") and (ROOT / (n.replace(".", "/") + ".py")).is_file())
+        found.update(n for n in names
+                     if n.startswith("stages.data") and (ROOT / (n.replace(".", "/") + ".py")).is_file())
     return found
 
 
@@ -75,8 +76,9 @@ def test_each_data_module_imports_first_in_a_fresh_interpreter(module):
 
 
 def test_the_reader_reaches_the_devkit_through_require_package():
+    devkit = {"nuscenes", "pyquaternion"}
     tree = ast.parse((DATA / "nuscenes_reader.py").read_text())
     direct = [ast.unparse(n) for n in ast.walk(tree)
-              if (isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] in {"nuscenes", "pyquaternion"})
-              or (isinstance(n, ast.Import) and any(a.name.split(".")[0] in {"nuscenes", "pyquaternion"} for a in n.names))]
+              if (isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] in devkit)
+              or (isinstance(n, ast.Import) and any(a.name.split(".")[0] in devkit for a in n.names))]
     assert not direct, direct
