@@ -13,6 +13,7 @@ Validation happens once, on the merged result, before any work starts; a bad val
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from infra.carla.config import CarlaServerConfig
+from stages.config_model import STRICT_CONFIG, StrictModel
 from stages.envs.config import EnvConfig, ScenarioName
 from stages.rl.configs import PPOConfig, SACConfig
 
@@ -30,8 +32,7 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+_Strict = StrictModel   # every section: unknown keys and NaN / infinity refused (stages/config_model.py)
 
 
 class ModelParams(_Strict):
@@ -59,6 +60,9 @@ class DataParams(_Strict):
                                                         "drives written as nuScenes at nuscenes_out")
     nuscenes_version: str = Field("v1.0-trainval", pattern=r"^v1\.0-(mini|trainval|test)$")
     nuscenes_out: str = "data/nuscenes-sim"
+    nuscenes_strict: bool = Field(False, description="reject the whole nuScenes folder when a keyframe lacks "
+                                                     "a camera keyframe (False: skip such samples, counted in "
+                                                     "the metric nuscenes_skipped_samples)")
     built: str = Field("data/train", description="the sharded training dataset")
     shard_size: int = Field(1024, ge=16, description="samples per shard (whole episodes per shard)")
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes")
@@ -206,6 +210,12 @@ class PromoteParams(_Strict):
     max_parity_error: float = Field(1e-4, gt=0)
 
 
+class CarlaParams(CarlaServerConfig):
+    """`CarlaServerConfig` (infra cannot derive from stages' base) under the same finite-number rule."""
+
+    model_config = ConfigDict(**STRICT_CONFIG)
+
+
 class PipelineConfig(_Strict):
     preset: PresetName = "demo"
     seed: int = 0
@@ -220,7 +230,7 @@ class PipelineConfig(_Strict):
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
     promote: PromoteParams = PromoteParams()
-    carla: CarlaServerConfig = CarlaServerConfig()
+    carla: CarlaParams = CarlaParams()
 
     @model_validator(mode="after")
     def _one_discount(self) -> "PipelineConfig":
@@ -306,12 +316,28 @@ def parse_override(text: str) -> dict[str, Any]:
     return tree
 
 
+def _non_finite(err: dict[str, Any]) -> bool:
+    """NaN or ±infinity given for a number (an int field reports the text "inf" as unparsable)."""
+    if err["type"] == "finite_number":
+        return True
+    given = err.get("input")
+    if err["type"] in ("int_parsing", "float_parsing") and isinstance(given, str):
+        try:
+            return not math.isfinite(float(given))
+        except ValueError:
+            return False
+    return False
+
+
 def _describe(errors: list[dict[str, Any]], merged: dict[str, Any]) -> str:
     lines = []
     for err in errors:
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
         given = err.get("input")
-        if err["type"] == "extra_forbidden":
+        if _non_finite(err):
+            lines.append(f"  - {loc} = {given!r}: not a finite number (NaN and infinity are not allowed); "
+                         "give a finite value")
+        elif err["type"] == "extra_forbidden":
             lines.append(f"  - {loc}: unknown key (given {given!r}); check the spelling against `drivevla config show`")
         else:
             allowed = err.get("ctx", {})

@@ -28,9 +28,14 @@ from typing import Any
 import numpy as np
 
 from stages.common import staged_dir
-from stages.data.dataset import DatasetError, load_episode, read_manifest as read_sim_manifest
+from stages.data.dataset import load_episode, read_manifest as read_sim_manifest
+from stages.data.errors import DatasetError
+from stages.data.nuscenes_reader import (DEFAULT_AGENT_CATEGORIES, annotated_boxes, iter_nuscenes,
+                                         load_nuscenes, select_scenes, warn_skipped)
+from stages.data.nuscenes_schema import CAMERA_CHANNELS, LIDAR_CHANNEL
 from stages.data.recorder import episode_from_arrays, future_agent_boxes, future_waypoints
-from stages.data.shards import ShardWriter, write_manifest
+from stages.data.shards import ShardWriter, read_shard, write_manifest
+from stages.envs.spaces import FRONT_DISTANCE_MAX, STATE_DIM
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +47,6 @@ EGO_SIZE = {"sim": (5.0, 2.0), "nuscenes": (4.084, 1.85)}
 
 
 def _neutral_state(speed: float) -> np.ndarray:
-    from stages.envs.spaces import FRONT_DISTANCE_MAX, STATE_DIM
-
     state = np.zeros(STATE_DIM, dtype=np.float32)
     state[0] = speed
     state[6] = FRONT_DISTANCE_MAX   # "nobody ahead": the neutral value of the front distance
@@ -105,6 +108,7 @@ class _LazyBoxes(Sequence):
 def write_sim_as_nuscenes(sim_root: str | Path, out: str | Path, version: str = "v1.0-trainval",
                           keyframe_every: int = 5, **writer_kwargs: Any) -> Path:
     """Write the recorded drives as a nuScenes dataset (scene splits = the recording's splits)."""
+    # Deferred: the writer imports pyquaternion (the `nuscenes` extra) when loaded; sim-only builds need none.
     from stages.data.nuscenes_writer import write_nuscenes
 
     root = Path(sim_root)
@@ -120,14 +124,12 @@ def write_sim_as_nuscenes(sim_root: str | Path, out: str | Path, version: str = 
 def _future_boxes(nusc: Any, sample: dict[str, Any], pose: dict[str, Any], keyframes: int,
                   categories: Sequence[str]) -> np.ndarray:
     """Annotated boxes of the next ``keyframes`` samples in the ego frame of ``pose``, rows (t, x, y, yaw, l, w)."""
-    from stages.data.nuscenes_reader import _agents
-
     rows, token = [], sample["next"]
     for _ in range(keyframes):
         if not token:
             break
         future = nusc.get("sample", token)
-        boxes = _agents(nusc, future, pose, categories)
+        boxes = annotated_boxes(nusc, future, pose, categories)
         t = (future["timestamp"] - sample["timestamp"]) / 1e6
         if len(boxes):
             rows.append(np.column_stack([np.full(len(boxes), t), boxes]))
@@ -143,19 +145,20 @@ def resample_trajectory(trajectory: np.ndarray, times: np.ndarray, grid: np.ndar
 
 
 def iter_nuscenes_scenes(dataroot: str | Path, version: str, split: str, horizon: int, step_seconds: float,
-                         image_size: int | None, num_cameras: int = 1, first_index: int = 0,
+                         image_size: int | None, num_cameras: int = 1, first_index: int = 0, *,
+                         strict: bool = False, skipped: list[str] | None = None,
                          ) -> Iterator[dict[str, np.ndarray]]:
-    """Shard arrays, one scene at a time, of every keyframe of ``split`` with a full future."""
-    from stages.data.nuscenes_reader import (DEFAULT_AGENT_CATEGORIES, iter_nuscenes, load_nuscenes,
-                                             select_scenes)
-    from stages.data.nuscenes_schema import CAMERA_CHANNELS, LIDAR_CHANNEL
+    """Shard arrays, one scene at a time, of every keyframe of ``split`` with a full future.
 
+    Keyframes lacking a camera keyframe are skipped, their tokens appended to ``skipped`` (``strict``:
+    the folder is rejected instead, naming the sample).
+    """
     channels = CAMERA_CHANNELS[:num_cameras]
     grid = step_seconds * np.arange(1, horizon + 1)
     keyframes = math.ceil(grid[-1] / NUSCENES_KEYFRAME_SECONDS - 1e-6)
-    nusc = load_nuscenes(dataroot, version, channels)
+    nusc = load_nuscenes(dataroot, version, channels, strict=strict)
     for k, scene in enumerate(select_scenes(nusc, split)):
-        rows = list(iter_nuscenes(nusc, [scene], channels, keyframes, image_size))
+        rows = list(iter_nuscenes(nusc, [scene], channels, keyframes, image_size, skipped=skipped))
         if not rows:
             continue
         trajs, boxes = [], []
@@ -190,8 +193,6 @@ def iter_nuscenes_scenes(dataroot: str | Path, version: str, split: str, horizon
 def _train_stats(root: Path, shards: list[dict[str, Any]]) -> dict[str, Any]:
     """Statistics of the train split the training stages start from: per-waypoint mean and spread of the
     trajectories (loss normalisation, head initialisation) and the reward per step (critic initialisation)."""
-    from stages.data.shards import read_shard
-
     trajs, rewards = [], []
     for sh in shards:
         if sh["split"] != "train":
@@ -212,10 +213,12 @@ def _train_stats(root: Path, shards: list[dict[str, Any]]) -> dict[str, Any]:
 def build_dataset(out: str | Path, *, sources: Sequence[str], sim_root: str | Path | None = None,
                   nuscenes_root: str | Path | None = None, nuscenes_version: str = "v1.0-trainval",
                   horizon: int = 10, stride: int = 3, sim_dt: float = 0.1, image_size: int | None = None,
-                  num_cameras: int = 1, shard_size: int = 1024) -> dict[str, Any]:
+                  num_cameras: int = 1, shard_size: int = 1024, nuscenes_strict: bool = False) -> dict[str, Any]:
     """Build the sharded training dataset at ``out`` (atomically) and return its manifest.
 
-    Trajectories are ``horizon`` waypoints ``stride * sim_dt`` seconds apart for every source.
+    Trajectories are ``horizon`` waypoints ``stride * sim_dt`` seconds apart for every source. nuScenes
+    keyframes without a camera keyframe are skipped and counted (``sources.nuscenes.skipped_samples``);
+    ``nuscenes_strict`` rejects such a folder instead.
     """
     unknown = [s for s in sources if s not in SOURCES]
     if unknown or not sources:
@@ -243,14 +246,18 @@ def build_dataset(out: str | Path, *, sources: Sequence[str], sim_root: str | Pa
                 shards += w.shards
             info["sources"]["sim"] = {"path": str(sim_root), "kind": sim_manifest.get("source", "sim")}
         if "nuscenes" in sources:
+            skipped: list[str] = []
             for split in ("train", "val"):
                 w = ShardWriter(tmp, split, "nuscenes", shard_size)
                 for scene in iter_nuscenes_scenes(nuscenes_root, nuscenes_version, split, horizon, step_seconds,
-                                                  image_size, num_cameras, first_index=100_000):
+                                                  image_size, num_cameras, first_index=100_000,
+                                                  strict=nuscenes_strict, skipped=skipped):
                     w.add(scene)
                 w.flush()
                 shards += w.shards
-            info["sources"]["nuscenes"] = {"path": str(nuscenes_root), "version": nuscenes_version}
+            warn_skipped(skipped, nuscenes_root, CAMERA_CHANNELS[:num_cameras])
+            info["sources"]["nuscenes"] = {"path": str(nuscenes_root), "version": nuscenes_version,
+                                           "skipped_samples": len(skipped)}
         info["stats"] = _train_stats(tmp, shards)
         manifest = write_manifest(tmp, shards, info)
     log.info("built dataset %s: %s", out, {k: v["samples"] for k, v in manifest["counts"].items()})

@@ -14,16 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from stages.common import StageInputError
+from stages.data.errors import DatasetError  # its home; shards, offline and export import it from here too
 from stages.data.recorder import future_waypoints
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-
-
-class DatasetError(StageInputError):
-    """The dataset folder is missing, incomplete or corrupt."""
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:

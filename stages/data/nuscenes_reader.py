@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from stages.data.dataset import DatasetError
+from infra.packages import require_package
+from stages.data.errors import DatasetError
 from stages.data.nuscenes_schema import (CAMERA_CHANNELS, CAN_BUS_UNUSABLE_SCENES, LIDAR_CHANNEL, REFERENCES,
                                          REQUIRED_FIELDS, SCENE_NAME_RE, TABLES, NuScenesFormatError,
                                          command_from_trajectory, quaternion_yaw, wrap_angle)
@@ -65,13 +66,15 @@ class _Problems:
             problems=list(self.items))
 
 
-def validate_nuscenes(dataroot: str | Path, version: str = "v1.0-mini",
-                      channels: Sequence[str] = ("CAM_FRONT",)) -> dict[str, list[dict[str, Any]]]:
+def validate_nuscenes(dataroot: str | Path, version: str = "v1.0-mini", channels: Sequence[str] = ("CAM_FRONT",),
+                      strict: bool = False) -> dict[str, list[dict[str, Any]]]:
     """Check a nuScenes folder before the devkit loads it; return the parsed tables.
 
     Checks: the 13 table files exist and parse as lists of records with the fields the devkit reads;
     tokens are unique; every foreign key resolves (`REFERENCES`); every log is covered by a map record and
-    the map masks exist; every sample has a keyframe sample_data of each of ``channels`` and its file exists.
+    the map masks exist; the keyframe files of ``channels`` exist. A sample without a keyframe of one of
+    ``channels`` is a defect only when ``strict``; otherwise `iter_nuscenes` skips it (and counts it):
+    one camera dropout must not cost a whole dataset.
     """
     root = Path(dataroot)
     problems = _Problems(root, version)
@@ -149,8 +152,11 @@ def validate_nuscenes(dataroot: str | Path, version: str = "v1.0-mini",
     for sample in tables["sample"]:
         for ch in channels:
             sd = keyframes.get(sample["token"], {}).get(ch)
-            if sd is None:
-                problems.add(f"sample[{sample['token']}] has no keyframe {ch} record in table 'sample_data'")
+            if sd is None and strict:
+                problems.add(f"sample[{sample['token']}] has no keyframe {ch} record in table 'sample_data' "
+                             "(strict mode; without it such samples are skipped and counted)")
+            elif sd is None:
+                continue
             elif not (root / sd["filename"]).is_file():
                 problems.add(f"sample_data[{sd['token']}] ({ch}): file {root / sd['filename']} is missing")
         if problems.full:
@@ -165,10 +171,10 @@ def _channels_of_calibrations(tables: dict[str, list[dict[str, Any]]]) -> dict[s
 
 
 def load_nuscenes(dataroot: str | Path, version: str = "v1.0-mini", channels: Sequence[str] = ("CAM_FRONT",),
-                  validate: bool = True) -> Any:
+                  validate: bool = True, strict: bool = False) -> Any:
     """`validate_nuscenes`, then the devkit's `NuScenes` built from the tables already parsed (parsing
     trainval's sample_annotation.json twice would cost tens of seconds)."""
-    from nuscenes.nuscenes import NuScenes
+    NuScenes = require_package("nuscenes.nuscenes", "nuscenes", "reading nuScenes").NuScenes
 
     class _ParsedNuScenes(NuScenes):
         def __init__(self, parsed: dict[str, list[dict[str, Any]]], **kwargs: Any):
@@ -180,7 +186,7 @@ def load_nuscenes(dataroot: str | Path, version: str = "v1.0-mini", channels: Se
                 return self._parsed.pop(table_name)
             return super().__load_table__(table_name)
 
-    tables = validate_nuscenes(dataroot, version, channels) if validate else {}
+    tables = validate_nuscenes(dataroot, version, channels, strict) if validate else {}
     try:
         return _ParsedNuScenes(tables, version=version, dataroot=str(dataroot), verbose=False)
     except Exception as exc:  # the devkit fails with asserts and KeyErrors that name nothing
@@ -194,8 +200,7 @@ def select_scenes(nusc: Any, split: str | None, val_fraction: float = 0.2) -> li
     """Scene records of ``split`` (the devkit's official lists; ``train`` / ``val`` mean ``mini_train`` /
     ``mini_val`` on a mini version). When the dataset has none of the version's official scene names,
     a deterministic split is used instead: scenes sorted by name, the last ``val_fraction`` are val."""
-    from nuscenes.utils.splits import create_splits_scenes
-
+    create_splits_scenes = require_package("nuscenes.utils.splits", "nuscenes", "reading nuScenes").create_splits_scenes
     scenes = sorted(nusc.scene, key=lambda s: s["name"])
     if split is None:
         return scenes
@@ -230,9 +235,8 @@ class _CanBus:
     def __init__(self, root: Path | None):
         self.api = None
         if root is not None and (root / "can_bus").is_dir():
-            from nuscenes.can_bus.can_bus_api import NuScenesCanBus
-
-            self.api = NuScenesCanBus(dataroot=str(root))
+            can_bus_api = require_package("nuscenes.can_bus.can_bus_api", "nuscenes", "reading nuScenes CAN bus data")
+            self.api = can_bus_api.NuScenesCanBus(dataroot=str(root))
 
     def pose_track(self, scene_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """``(utime, forward speed, yaw rate)`` arrays sorted by time, or None without CAN data."""
@@ -272,6 +276,7 @@ class NuScenesSamples:
     timestamps: np.ndarray      # int64 [N] microseconds
     speed_from_can: np.ndarray  # bool [N] speed / yaw rate came from the CAN bus (else from ego poses)
     channels: tuple[str, ...] = field(default=("CAM_FRONT",))
+    skipped_samples: int = 0    # keyframes left out for a missing camera keyframe or ego pose (non-strict)
 
     def __len__(self) -> int:
         return len(self.sample_tokens)
@@ -297,8 +302,7 @@ def _load_image(path: Path, image_size: int | None) -> np.ndarray:
 
 def _to_ego(points: np.ndarray, pose: dict[str, Any]) -> np.ndarray:
     """Global points ``[M, 3]`` into the ego frame of ``pose`` (translation, then the inverse rotation)."""
-    from pyquaternion import Quaternion
-
+    Quaternion = require_package("pyquaternion", "nuscenes", "reading nuScenes").Quaternion
     rot = Quaternion(pose["rotation"]).inverse.rotation_matrix
     return (points - np.asarray(pose["translation"], dtype=np.float64)) @ rot.T
 
@@ -321,7 +325,7 @@ def _ego_motion(nusc: Any, sd: dict[str, Any]) -> tuple[float, float]:
     return forward / seconds, turn / seconds
 
 
-def _agents(nusc: Any, sample: dict[str, Any], pose: dict[str, Any], categories: Sequence[str]) -> np.ndarray:
+def annotated_boxes(nusc: Any, sample: dict[str, Any], pose: dict[str, Any], categories: Sequence[str]) -> np.ndarray:
     anns = [nusc.get("sample_annotation", t) for t in sample["anns"]]
     anns = [a for a in anns if a["category_name"].startswith(tuple(categories))]
     if not anns:
@@ -335,8 +339,13 @@ def _agents(nusc: Any, sample: dict[str, Any], pose: dict[str, Any], categories:
 
 def iter_nuscenes(nusc: Any, scenes: Sequence[dict[str, Any]], channels: Sequence[str] = ("CAM_FRONT",),
                   horizon: int = 6, image_size: int | None = None, can_bus_root: str | Path | None = None,
-                  agent_categories: Sequence[str] = DEFAULT_AGENT_CATEGORIES) -> Iterator[dict[str, Any]]:
-    """One dict per keyframe of ``scenes`` that has ``horizon`` keyframes after it (see `NuScenesSamples`)."""
+                  agent_categories: Sequence[str] = DEFAULT_AGENT_CATEGORIES,
+                  skipped: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """One dict per keyframe of ``scenes`` that has ``horizon`` keyframes after it (see `NuScenesSamples`).
+
+    A keyframe without a keyframe of one of ``channels``, or whose future lacks an ego pose (no
+    reference-channel keyframe), is skipped; its token is appended to ``skipped``.
+    """
     can = _CanBus(Path(can_bus_root) if can_bus_root is not None else Path(nusc.dataroot))
     root = Path(nusc.dataroot)
     for scene in scenes:
@@ -346,12 +355,21 @@ def iter_nuscenes(nusc: Any, scenes: Sequence[dict[str, Any]], channels: Sequenc
             sample = nusc.get("sample", token)
             samples.append(sample)
             token = sample["next"]
-        ref_channel = LIDAR_CHANNEL if LIDAR_CHANNEL in samples[0]["data"] else channels[0]
-        ref_sd = [nusc.get("sample_data", s["data"][ref_channel]) for s in samples]
-        poses = [nusc.get("ego_pose", sd["ego_pose_token"]) for sd in ref_sd]
+        ref_channel = LIDAR_CHANNEL if any(LIDAR_CHANNEL in s["data"] for s in samples) else channels[0]
+        ref_sd = [nusc.get("sample_data", s["data"][ref_channel]) if ref_channel in s["data"] else None
+                  for s in samples]
+        poses = [nusc.get("ego_pose", sd["ego_pose_token"]) if sd is not None else None for sd in ref_sd]
         track = can.pose_track(scene["name"])
         for t in range(len(samples) - horizon):
             sample, pose = samples[t], poses[t]
+            missing = [ch for ch in channels if ch not in sample["data"]]
+            if missing or any(p is None for p in poses[t: t + 1 + horizon]):
+                why = (f"no keyframe {', '.join(missing)}" if missing
+                       else f"no {ref_channel} keyframe (ego pose) in it or its {horizon} next samples")
+                log.debug("nuScenes sample %s (%s) skipped: %s", sample["token"], scene["name"], why)
+                if skipped is not None:
+                    skipped.append(sample["token"])
+                continue
             future = np.array([p["translation"] for p in poses[t + 1: t + 1 + horizon]], dtype=np.float64)
             trajectory = _to_ego(future, pose)[:, :2].astype(np.float32)
             if track is not None:
@@ -365,30 +383,43 @@ def iter_nuscenes(nusc: Any, scenes: Sequence[dict[str, Any]], channels: Sequenc
             yield {"image": images[0] if len(channels) == 1 else np.stack(images),
                    "speed": speed, "yaw_rate": yaw_rate, "trajectory": trajectory,
                    "command": command_from_trajectory(trajectory), "caption": scene.get("description", ""),
-                   "agents": _agents(nusc, sample, pose, agent_categories), "scene": scene["name"],
+                   "agents": annotated_boxes(nusc, sample, pose, agent_categories), "scene": scene["name"],
                    "sample_token": sample["token"], "timestamp": int(sample["timestamp"]),
                    "speed_from_can": track is not None}
+
+
+def warn_skipped(tokens: Sequence[str], dataroot: str | Path, channels: Sequence[str]) -> None:
+    """One warning for the keyframes `iter_nuscenes` left out (a few tokens, not thousands of lines)."""
+    if tokens:
+        shown = ", ".join(tokens[:5]) + (f" and {len(tokens) - 5} more" if len(tokens) > 5 else "")
+        log.warning("nuScenes %s: %d keyframe(s) skipped for a missing %s keyframe or ego pose: %s "
+                    "(data.nuscenes_strict=true rejects such a folder instead)", dataroot, len(tokens),
+                    "/".join(channels), shown)
 
 
 def read_nuscenes(dataroot: str | Path, version: str = "v1.0-mini", split: str | None = None,
                   num_cameras: int = 1, horizon: int = 6, image_size: int | None = None, *,
                   can_bus_root: str | Path | None = None,
                   agent_categories: Sequence[str] = DEFAULT_AGENT_CATEGORIES,
-                  validate: bool = True) -> NuScenesSamples:
+                  validate: bool = True, strict: bool = False) -> NuScenesSamples:
     """Every keyframe of ``split`` with a full ``horizon``-sample future, as `NuScenesSamples`.
 
     ``image_size`` resizes every image to a square (None keeps the stored size); ``can_bus_root`` is the
     folder holding ``can_bus/`` (default ``dataroot``). Raises `NuScenesFormatError` for a corrupt or
-    incomplete folder, before reading any sample.
+    incomplete folder, before reading any sample. A keyframe lacking one of the cameras is skipped and
+    counted (``skipped_samples``, and a warning), or with ``strict`` fails the whole folder.
     """
     if not 1 <= num_cameras <= len(CAMERA_CHANNELS):
         raise ValueError(f"num_cameras must be 1..{len(CAMERA_CHANNELS)}, got {num_cameras}")
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     channels = CAMERA_CHANNELS[:num_cameras]
-    nusc = load_nuscenes(dataroot, version, channels, validate=validate)
+    nusc = load_nuscenes(dataroot, version, channels, validate=validate, strict=strict)
     scenes = select_scenes(nusc, split)
-    rows = list(iter_nuscenes(nusc, scenes, channels, horizon, image_size, can_bus_root, agent_categories))
+    skipped: list[str] = []
+    rows = list(iter_nuscenes(nusc, scenes, channels, horizon, image_size, can_bus_root, agent_categories,
+                              skipped=skipped))
+    warn_skipped(skipped, dataroot, channels)
     if not rows:
         raise DatasetError(f"{dataroot} ({version}, split {split}): no keyframe has {horizon} keyframes after it")
     shapes = {r["image"].shape for r in rows}
@@ -406,7 +437,7 @@ def read_nuscenes(dataroot: str | Path, version: str = "v1.0-mini", split: str |
         sample_tokens=np.array([r["sample_token"] for r in rows], dtype=str),
         timestamps=np.array([r["timestamp"] for r in rows], dtype=np.int64),
         speed_from_can=np.array([r["speed_from_can"] for r in rows], dtype=bool),
-        channels=tuple(channels))
+        channels=tuple(channels), skipped_samples=len(skipped))
     log.info("nuScenes %s %s: %d keyframes from %d scenes (%d with CAN bus speed)", version, split or "all",
              len(out), len(scenes), int(out.speed_from_can.sum()))
     return out

@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from stages.data.dataset import DatasetError
+from stages.data.errors import DatasetError
 
 # The 13 tables the devkit loads, in its own order (``NuScenes.__init__``).
 TABLES: tuple[str, ...] = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor",

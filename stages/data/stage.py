@@ -8,6 +8,10 @@
    that the real devkit loads; ``data.nuscenes_root`` reads a real nuScenes folder instead.
 3. Build: both sources -> the sharded training dataset (``data/train``) with a manifest of sources,
    splits and counts (`stages.data.build`).
+
+Every input the config names is checked before anything is written (`check_inputs`), and the build
+writes into a staging folder swapped in at the end, so a failed run leaves the previous outputs as
+they were; a rerun with nothing to record leaves ``data/sim`` byte-identical.
 """
 from __future__ import annotations
 
@@ -23,7 +27,11 @@ from tqdm.auto import tqdm
 
 from stages.common import atomic_write_text, seed_everything, stage_main, write_json
 from stages.config import PipelineConfig
+from stages.data.build import build_dataset, write_sim_as_nuscenes
 from stages.data.dataset import MANIFEST
+from stages.data.errors import DatasetError
+from stages.data.nuscenes_reader import validate_nuscenes
+from stages.data.nuscenes_schema import CAMERA_CHANNELS, NuScenesFormatError
 from stages.data.recorder import record_episode
 
 log = logging.getLogger(__name__)
@@ -61,14 +69,54 @@ def plan_episodes(n: int, val_fraction: float, perturbed_fraction: float, seed: 
     return splits, perturbed
 
 
+def check_inputs(cfg: PipelineConfig) -> None:
+    """Fail on a bad input the config names before the stage writes anything (a failed run must leave
+    the previous recordings, dataset and metrics byte-identical)."""
+    d = cfg.data
+    if "sim" in d.sources and cfg.env.image_size != cfg.model.image_size:
+        raise DatasetError(f"env.image_size={cfg.env.image_size} records images the model "
+                           f"(model.image_size={cfg.model.image_size}) does not take: set both to the same size")
+    if "nuscenes" not in d.sources or d.nuscenes_root is None:
+        return
+    root = Path(d.nuscenes_root)
+    fix = ("point data.nuscenes_root at a nuScenes folder (holding the tables in "
+           f"{d.nuscenes_version}/ and the images in samples/), or set it to null to use the recorded drives "
+           "written as nuScenes")
+    if not root.is_dir():
+        raise NuScenesFormatError(f"data.nuscenes_root={str(root)!r}: no such folder; {fix}")
+    try:
+        validate_nuscenes(root, d.nuscenes_version, CAMERA_CHANNELS[:cfg.model.num_cameras], d.nuscenes_strict)
+    except NuScenesFormatError as exc:
+        raise NuScenesFormatError(f"data.nuscenes_root={str(root)!r}: {exc}; {fix}", exc.problems) from None
+
+
+def _recorded(out: Path, fingerprint: str, n: int) -> dict[str, Any] | None:
+    """The manifest of a finished recording of this config, or None when something is left to record."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if (manifest.get("fingerprint") != fingerprint or len(manifest.get("episodes", ())) != n
+            or not all((out / e["file"]).is_file() for e in manifest["episodes"])):
+        return None
+    return manifest
+
+
 def record(cfg: PipelineConfig) -> dict[str, Any]:
     """Step 1: record the episodes into ``data.out`` (resuming) and write its manifest; return the counts."""
     from stages.envs import ExpertDriver, make_env
 
     out = Path(cfg.data.out)
+    fingerprint = _fingerprint(cfg)
+    n = cfg.data.episodes
+    done = _recorded(out, fingerprint, n)
+    if done is not None:
+        # Nothing to record: keep every file as it is (DVC sees no change; the manifest's timings are
+        # those of the run that recorded).
+        log.info("data: the %d episodes in %s are already recorded for this config", n, out)
+        return done["counts"]
     ep_dir = out / "episodes"
     ep_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(cfg)
     progress_file = out / "progress.json"
     if progress_file.exists() and json.loads(progress_file.read_text()).get("fingerprint") != fingerprint:
         log.info("recording config changed since the last run: recording the episodes afresh")
@@ -77,7 +125,6 @@ def record(cfg: PipelineConfig) -> dict[str, Any]:
     atomic_write_text(progress_file, json.dumps({"fingerprint": fingerprint}))
     (out / MANIFEST).unlink(missing_ok=True)
 
-    n = cfg.data.episodes
     splits, perturbed = plan_episodes(n, cfg.data.val_fraction, cfg.data.perturbed_fraction, cfg.seed)
     env = make_env(cfg.env, seed=cfg.seed)
     episodes, steps, collisions, completion = [], 0, 0, []
@@ -124,8 +171,7 @@ def record(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
-    from stages.data.build import build_dataset, write_sim_as_nuscenes
-
+    check_inputs(cfg)
     seed_everything(cfg.seed)
     d = cfg.data
     metrics: dict[str, Any] = {}
@@ -149,7 +195,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                              nuscenes_version=nuscenes_version, horizon=cfg.model.trajectory_length,
                              stride=d.waypoint_stride, sim_dt=1.0 / cfg.env.policy_frequency,
                              image_size=cfg.model.image_size, num_cameras=cfg.model.num_cameras,
-                             shard_size=d.shard_size)
+                             shard_size=d.shard_size, nuscenes_strict=d.nuscenes_strict)
+    if "nuscenes" in manifest["sources"]:
+        metrics["nuscenes_skipped_samples"] = manifest["sources"]["nuscenes"]["skipped_samples"]
     metrics["build_seconds"] = round(time.perf_counter() - t0, 2)
     for split, c in manifest["counts"].items():
         metrics[f"{split}_samples"] = c["samples"]

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from stages.config_model import StrictModel
 
 ScenarioName = Literal["highway", "urban", "merge", "roundabout", "racetrack", "night", "rain"]
 BackendName = Literal["highway", "carla"]
 ViewName = Literal["heading_up", "world"]
 
 
-class RewardConfig(BaseModel):
+class RewardConfig(StrictModel):
     """Weights of the seed's driving reward (names as in the seed's `CARLARewardWrapper`)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     speed_weight: float = Field(1.0, ge=0, description="weight of the speed-tracking term")
     lane_weight: float = Field(0.5, ge=0, description="weight of the lane-keeping term")
@@ -31,10 +31,8 @@ class RewardConfig(BaseModel):
     target_speed: float = Field(8.33, gt=0, le=60, description="speed the speed term rewards, m/s")
 
 
-class EnvConfig(BaseModel):
+class EnvConfig(StrictModel):
     """One environment: backend, scenario, observation size, episode length, traffic, reward, seed."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     backend: BackendName = "highway"
     scenario: ScenarioName = "highway"

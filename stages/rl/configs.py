@@ -3,14 +3,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from stages.config_model import StrictModel
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class PPOConfig(_Strict):
+class PPOConfig(StrictModel):
     """PPO settings. The first seven fields are the seed's; defaults follow cleanrl/SB3."""
 
     learning_rate: float = Field(3e-4, gt=0, le=1)
@@ -63,7 +61,7 @@ class PPOConfig(_Strict):
         return self
 
 
-class SACConfig(_Strict):
+class SACConfig(StrictModel):
     """SAC settings. The first six fields are the seed's."""
 
     learning_rate: float = Field(3e-4, gt=0, le=1)

@@ -90,3 +90,41 @@ def test_a_partial_learner_section_keeps_the_stage_defaults_for_the_rest():
             cfg.online.sac.random_warmup) == (2, 256, 0.25, False)
     # Explicit keys still win over the stage's defaults.
     assert OnlineParams(sac={"random_warmup": True}).sac.random_warmup is True
+
+
+@pytest.mark.parametrize("override, key", [
+    ("offline.learning_rate=nan", "offline.learning_rate"),
+    ("offline.learning_rate=inf", "offline.learning_rate"),
+    ("offline.learning_rate=-.inf", "offline.learning_rate"),   # YAML's own infinity: a float, not text
+    ("online.ppo.gamma=nan", "online.ppo.gamma"),               # nested, and under a cross-section rule
+    ("env.reward.target_speed=nan", "env.reward.target_speed"),  # two levels down
+    ("env.view_distance=inf", "env.view_distance"),             # optional float
+    ("data.episodes=inf", "data.episodes"),                     # an int field
+    ("carla.ready_timeout_s=nan", "carla.ready_timeout_s"),     # the infra section
+    ("promote.max_drop.route_completion=nan", "promote.max_drop.route_completion"),  # a dict of floats
+])
+def test_non_finite_numbers_are_refused_as_such(override, key):
+    """NaN compares false with everything, so a range rule alone would call `nan` "not <= 1" (or let it
+    through): every numeric field refuses NaN and infinity first, saying so, naming key and value."""
+    with pytest.raises(ConfigError) as info:
+        build_config(preset="smoke", overrides=[override])
+    message = str(info.value)
+    assert f"{key} = " in message
+    assert "not a finite number" in message
+    assert override.partition("=")[2].lstrip("-.") in message.lower()   # the value given
+    assert "less than" not in message and "greater than" not in message   # no range rule on a NaN
+    assert "differs from" not in message   # nor a cross-field rule built on it
+
+
+def test_non_finite_numbers_in_params_yaml_and_direct_construction(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("preset: smoke\noffline:\n  weight_decay: .nan\n")
+    with pytest.raises(ConfigError, match=r"offline.weight_decay = nan: not a finite number"):
+        load_config(params)
+    # The section models refuse it too, whoever builds them.
+    from pydantic import ValidationError
+
+    from stages.rl.configs import PPOConfig
+
+    with pytest.raises(ValidationError, match="finite number"):
+        PPOConfig(learning_rate=float("nan"))

@@ -290,6 +290,69 @@ def test_log_without_map_and_missing_version(dataroot: Path, tmp_path: Path) -> 
         validate_nuscenes(root, "v1.0-trainval")
 
 
+def drop_camera_keyframe(root: Path, scene_index: int = 0, sample_index: int = 2, version: str = VERSION) -> str:
+    """Demote the CAM_FRONT keyframe of one sample to a sweep (a camera dropout): the sample keeps its
+    lidar and annotations but has no CAM_FRONT keyframe. Returns the sample's token."""
+    tables = {n: json.loads((root / version / f"{n}.json").read_text())
+              for n in ("scene", "sample", "sample_data", "calibrated_sensor", "sensor")}
+    scene = sorted(tables["scene"], key=lambda s: s["name"])[scene_index]
+    by_token = {s["token"]: s for s in tables["sample"]}
+    token = scene["first_sample_token"]
+    for _ in range(sample_index):
+        token = by_token[token]["next"]
+    front = {s["token"] for s in tables["sensor"] if s["channel"] == "CAM_FRONT"}
+    front_cs = {c["token"] for c in tables["calibrated_sensor"] if c["sensor_token"] in front}
+    rows = tables["sample_data"]
+    hits = [r for r in rows
+            if r["sample_token"] == token and r["is_key_frame"] and r["calibrated_sensor_token"] in front_cs]
+    assert len(hits) == 1
+    hits[0]["is_key_frame"] = False
+    (root / version / "sample_data.json").write_text(json.dumps(rows))
+    return token
+
+
+def test_a_keyframe_without_cam_front_is_skipped_and_counted(dataroot: Path, samples, tmp_path: Path, caplog) -> None:
+    root = corrupt_copy(dataroot, tmp_path)
+    token = drop_camera_keyframe(root)
+    with caplog.at_level("WARNING", logger="stages.data.nuscenes_reader"):
+        got = read_nuscenes(root, VERSION, split=None, image_size=16)
+    assert got.skipped_samples == 1 and samples.skipped_samples == 0
+    assert len(got) == len(samples) - 1
+    assert token in set(samples.sample_tokens) and token not in set(got.sample_tokens)
+    assert "1 keyframe(s) skipped" in caplog.text and token in caplog.text
+    # Every other keyframe reads exactly as from the intact folder.
+    keep = [i for i, t in enumerate(samples.sample_tokens) if t != token]
+    np.testing.assert_array_equal(got.images, samples.images[keep])
+    np.testing.assert_allclose(got.trajectories, samples.trajectories[keep])
+
+
+def test_strict_mode_rejects_the_folder_naming_the_sample(dataroot: Path, tmp_path: Path) -> None:
+    root = corrupt_copy(dataroot, tmp_path)
+    token = drop_camera_keyframe(root)
+    with pytest.raises(NuScenesFormatError, match=rf"sample\[{token}\] has no keyframe CAM_FRONT record"):
+        read_nuscenes(root, VERSION, strict=True)
+    with pytest.raises(NuScenesFormatError, match=token):
+        validate_nuscenes(root, VERSION, strict=True)
+
+
+def test_the_build_counts_skipped_nuscenes_samples(dataroot: Path, tmp_path: Path) -> None:
+    from stages.data.build import build_dataset
+
+    root = corrupt_copy(dataroot, tmp_path)
+    token = drop_camera_keyframe(root)
+    kwargs = dict(sources=["nuscenes"], nuscenes_root=root, nuscenes_version=VERSION, horizon=6, stride=5,
+                  sim_dt=0.1, image_size=16, shard_size=16)
+    intact = build_dataset(tmp_path / "intact", **{**kwargs, "nuscenes_root": dataroot})
+    built = build_dataset(tmp_path / "built", **kwargs)
+    assert intact["sources"]["nuscenes"]["skipped_samples"] == 0
+    assert built["sources"]["nuscenes"]["skipped_samples"] == 1
+    total = lambda manifest: sum(c["samples"] for c in manifest["counts"].values())  # noqa: E731
+    assert total(built) == total(intact) - 1
+    with pytest.raises(NuScenesFormatError, match=token):
+        build_dataset(tmp_path / "built", **kwargs, nuscenes_strict=True)
+    assert json.loads((tmp_path / "built" / "manifest.json").read_text())["counts"] == built["counts"]  # kept
+
+
 # -- other vehicles from highway-env ------------------------------------------------------------------
 
 def test_other_vehicle_boxes_from_highway_env() -> None:
