@@ -3,7 +3,7 @@ seed's ``docker run -d … carlasim/carla`` / ``docker stop`` / ``docker logs``,
 readiness probe instead of ``sleep 30``, labels, and cleanup that never touches other containers.
 ``servers-needed`` prints how many servers the online stage needs (one per env).
 
-Settings come from the ``carla:`` section of ``params.yaml`` (see `infra.carla.CarlaServerConfig`),
+Settings come from the ``carla:`` section of ``params.yaml`` (see `infra.carla.CarlaServerConfig`, reached through `tasks.carla_servers`),
 then ``--set key=value`` (keys of that section), then the flags.
 """
 from __future__ import annotations
@@ -17,12 +17,11 @@ from typing import Annotated, Any, Optional
 import typer
 from pydantic import ValidationError
 
-from infra.carla import (
-    ENV_VAR, CarlaServerConfig, CarlaServerError, CarlaServerManager, ServerEvent, connect_docker,
-    endpoints_to_env, managed_containers, reap_orphans)
-from infra.carla.labels import LABEL_DETACHED, LABEL_FLOW_RUN_NAME, LABEL_GPU, LABEL_PORTS, LABEL_SESSION
 from stages.config import ConfigError, deep_merge, load_config, parse_override
 from stages.envs.slots import OnlineEnvSlots
+from tasks.carla_servers import (ENV_VAR, LABEL_DETACHED, LABEL_FLOW_RUN_NAME, LABEL_GPU, LABEL_PORTS, LABEL_SESSION,
+                                 CarlaServerConfig, CarlaServerError, CarlaServerManager, ServerEvent, connect_docker,
+                                 endpoints_to_env, managed_containers, reap_orphans)
 
 carla_app = typer.Typer(help="Run CARLA servers in Docker (start, stop, inspect, read logs).",
                         no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
