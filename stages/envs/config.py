@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stages.envs.scenarios import get_scenario
+
 ScenarioName = Literal["highway", "urban", "merge", "roundabout", "racetrack", "night", "rain"]
 BackendName = Literal["highway", "carla"]
 ViewName = Literal["heading_up", "world"]
@@ -74,8 +76,6 @@ class EnvConfig(BaseModel):
 
 def resolve_reward(reward: RewardConfig | None, scenario: str) -> RewardConfig:
     """``reward`` with the scenario's target speed filled in where the config left it unset."""
-    from stages.envs.scenarios import get_scenario
-
     target = get_scenario(scenario).target_speed
     if reward is None:
         return RewardConfig(target_speed=target)
