@@ -42,6 +42,10 @@ from stages.envs.scenarios import ScenarioSpec, get_scenario
 from stages.envs.spaces import (
     FRONT_DISTANCE_MAX, action_space, clip_action, make_state, observation_space, sanitize_command)
 
+# What every step's info carries (backends may add their own keys, e.g. CARLA's ``town``, ``frame``).
+INFO_KEYS: tuple[str, ...] = (
+    "velocity", "speed", "lane_deviation", "heading_error", "collision", "route_completion", "infractions",
+    "ego_pose", "command", "caption", "scenario", "lane_index", "done_reason")
 INFRACTION_KEYS: tuple[str, ...] = ("collision", "off_road", "lane_invasion", "wrong_way", "speeding")
 WRONG_WAY_ANGLE = math.pi / 2    # rad off the lane direction beyond which the car drives the wrong way
 SPEEDING_FACTOR = 1.1            # speeding: above this times max(speed limit, target speed)

@@ -75,7 +75,7 @@ class ExpertDriver:
         if episode != self._episode:
             self._episode = episode
             self.reset()
-        dt = 1.0 / base.cfg.policy_frequency
+        dt = base.seconds_per_step
         if self.noise > 0:
             self._step_noise(dt)
         lat_offset, speed_factor, steer_noise = self._ou if self.noise > 0 else (0.0, 0.0, 0.0)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from stages.envs import SCENARIOS, RewardConfig, compute_driving_reward
-from stages.envs.base import INFRACTION_KEYS, DrivingEnvBase, step_seconds
+from stages.envs.base import INFO_KEYS, INFRACTION_KEYS, DrivingEnvBase, step_seconds
 from stages.envs.geometry import wrap_angle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,6 +174,20 @@ def test_wrap_angle_works_on_arrays():
 
 
 # -- the package's shape ---------------------------------------------------------------------------
+
+def test_the_highway_backend_keeps_the_contract():
+    from stages.envs import EnvConfig, make_env
+    from stages.envs.highway import DrivingEnv
+
+    env = make_env(EnvConfig(image_size=16, policy_frequency=5, simulation_frequency=10))
+    assert isinstance(env, DrivingEnvBase) and isinstance(env, DrivingEnv)
+    _, info = env.reset()
+    *_, step_info = env.step(np.zeros(3))
+    assert set(INFO_KEYS) <= set(info) and set(INFO_KEYS) <= set(step_info)
+    assert set(step_info["infractions"]) == set(INFRACTION_KEYS)
+    assert env.policy_frequency == 5 and step_seconds(env) == 0.2 and env.elapsed_seconds == 0.2
+    env.close()
+
 
 def test_every_scenario_has_a_highway_mission():
     from stages.envs.highway.missions import MISSIONS, mission_for
