@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from stages.envs.base import step_seconds
+
 log = logging.getLogger(__name__)
 
 BOX_COLUMNS = 6   # x, y, yaw, length, width, track id
@@ -150,7 +152,7 @@ def record_episode(env: Any, policy: Callable[[Any, dict[str, Any]], np.ndarray]
         route_completion=float(info.get("route_completion", 0.0)), perturbed=perturbed,
         expert_actions=np.stack(rows["expert_actions"]).astype(np.float32),
         agent_boxes=agent_boxes, agent_offsets=agent_offsets,
-        dt=1.0 / float(getattr(getattr(env.unwrapped, "cfg", None), "policy_frequency", 10)),
+        dt=step_seconds(env),
     )
 
 

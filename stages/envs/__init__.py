@@ -1,6 +1,8 @@
 """Driving environments: one observation/action/reward contract, two backends.
 
-- ``highway``: `DrivingEnv` on highway-env, embedded (no server), the default;
+The contract is `stages.envs.base.DrivingEnvBase` (seeding, counting, infractions, episode ends,
+reward, ``policy_frequency``); the backends subclass it:
+- ``highway``: `DrivingEnv` on highway-env, embedded (no server), the default (`stages.envs.highway`);
 - ``carla``: the CARLA bridge (`stages.envs.carla_bridge`, imported only when asked for).
 
 Heavy pieces (highway-env, pygame) load on first use, so `from stages.envs import EnvConfig` stays cheap.
@@ -28,7 +30,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # DrivingEnv and ExpertDriver import highway-env and pygame; load them only when used.
     if name == "DrivingEnv":
-        from stages.envs.highway_backend import DrivingEnv
+        from stages.envs.highway import DrivingEnv
 
         return DrivingEnv
     if name == "ExpertDriver":

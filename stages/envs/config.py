@@ -12,6 +12,8 @@ from pydantic import Field, model_validator
 
 from stages.config_model import StrictModel
 
+from stages.envs.scenarios import get_scenario
+
 ScenarioName = Literal["highway", "urban", "merge", "roundabout", "racetrack", "night", "rain"]
 BackendName = Literal["highway", "carla"]
 ViewName = Literal["heading_up", "world"]
@@ -72,8 +74,6 @@ class EnvConfig(StrictModel):
 
 def resolve_reward(reward: RewardConfig | None, scenario: str) -> RewardConfig:
     """``reward`` with the scenario's target speed filled in where the config left it unset."""
-    from stages.envs.scenarios import get_scenario
-
     target = get_scenario(scenario).target_speed
     if reward is None:
         return RewardConfig(target_speed=target)

@@ -1,6 +1,6 @@
 """`ExpertDriver`: a privileged scripted driver for the highway backend (data collection, baselines).
 
-It reads the simulator state directly (`DrivingEnv.sim`, its `RouteTracker`), not the observation:
+It reads the simulator state directly (`DrivingEnv.sim`, its `LaneRoute`), not the observation:
 - lateral: pure pursuit towards a point on the route ahead (lookahead grows with speed); on a lane
   change (the command asks for one, or the lane ends) it aims at the target lane once the gap there
   is safe — MOBIL's safety test (the new follower need not brake harder than 3 m/s²) and room ahead;
@@ -24,7 +24,9 @@ import numpy as np
 
 from highway_env import utils as hutils
 
-from stages.envs.highway_backend import MAX_ACCELERATION, MAX_BRAKING, MAX_STEERING, DrivingEnv
+from stages.envs.geometry import wrap_angle
+from stages.envs.highway.env import DrivingEnv
+from stages.envs.highway.sims import MAX_ACCELERATION, MAX_BRAKING, MAX_STEERING
 
 # IDM parameters of the ego (highway-env's traffic uses similar ones).
 ACC_MAX = 3.0          # m/s²
@@ -73,7 +75,7 @@ class ExpertDriver:
         if episode != self._episode:
             self._episode = episode
             self.reset()
-        dt = 1.0 / base.cfg.policy_frequency
+        dt = base.seconds_per_step
         if self.noise > 0:
             self._step_noise(dt)
         lat_offset, speed_factor, steer_noise = self._ou if self.noise > 0 else (0.0, 0.0, 0.0)
@@ -188,7 +190,7 @@ class ExpertDriver:
         for d in (5.0, 10.0, 15.0, 20.0, 30.0, 40.0):
             _, h = route.point_ahead(d)
             step = 5.0 if d <= 20.0 else 10.0
-            kappa = abs((h - h_prev + math.pi) % (2 * math.pi) - math.pi) / step
+            kappa = abs(wrap_angle(h - h_prev)) / step
             h_prev = h
             if kappa > 1e-3:
                 v_bend = math.sqrt(LAT_ACC_MAX / kappa)
@@ -221,7 +223,7 @@ class ExpertDriver:
             if other is ego or np.abs(other.position - ego.position).max() > 80:
                 continue
             # Same-direction traffic is the leader's or the lane change's business, not yielding.
-            if abs((other.heading - ego.heading + math.pi) % (2 * math.pi) - math.pi) < 0.5:
+            if abs(wrap_angle(other.heading - ego.heading)) < 0.5:
                 continue
             positions, headings = self._predict(other, t)
             for k in np.flatnonzero(beyond):
@@ -241,7 +243,7 @@ class ExpertDriver:
         route, v, d = env.route, env.ego.speed, 0.0
         samples = np.arange(0.0, 61.0, 5.0)
         headings = np.array([route.point_ahead(float(x))[1] for x in samples])
-        turn = np.abs((np.diff(headings) + np.pi) % (2 * np.pi) - np.pi) / 5.0   # curvature per 5 m
+        turn = np.abs(wrap_angle(np.diff(headings))) / 5.0   # curvature per 5 m
         v_bend = np.sqrt(LAT_ACC_MAX / np.maximum(turn, 1e-3))
         out, clock = [], 0.0
         for target_t in times:

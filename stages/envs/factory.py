@@ -44,7 +44,7 @@ def make_env(cfg: EnvConfig, seed: int | None = None, slot: int = 0) -> gym.Env:
     """One environment for ``cfg``; ``seed`` (default ``cfg.seed``) seeds its first reset. ``slot``:
     which simulator server it uses (CARLA: server ``slot`` of the resource's list; highway: none)."""
     if cfg.backend == "highway":
-        from stages.envs.highway_backend import DrivingEnv
+        from stages.envs.highway import DrivingEnv   # highway-env and pygame: loaded when used
 
         return DrivingEnv(cfg, seed=seed)
     if cfg.backend == "carla":

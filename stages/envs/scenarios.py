@@ -1,7 +1,8 @@
 """Scenario names (the seed's urban, highway, night, rain, plus merge, roundabout, racetrack).
 
-Each name maps to a highway-env env id and its config for the embedded backend, and to data for the
-CARLA backend (town, weather preset, traffic), which `stages.envs.carla_bridge` reads.
+Each name maps to data for the embedded backend (a highway-env env id and config, read by
+`stages.envs.highway`) and for the CARLA backend (town, weather preset, traffic), which
+`stages.envs.carla_bridge` reads. This module is plain data: it imports nothing of the project.
 
 highway-env has no weather or lighting: ``night`` and ``rain`` are the highway road with an image
 transform (``appearance``) applied to the rendered frame — darkness with a headlight cone and sensor
@@ -13,8 +14,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from collections.abc import Mapping
 from typing import Any, Literal
-
-from stages.envs.config import EnvConfig
 
 RouteKind = Literal["open_road", "destination", "loop"]
 Appearance = Literal["day", "night", "rain"]
@@ -96,41 +95,3 @@ def get_scenario(name: str) -> ScenarioSpec:
     except KeyError:
         raise ValueError(f"scenario={name!r} is not one of {sorted(SCENARIOS)}") from None
 
-
-def vehicles_count(cfg: EnvConfig) -> int:
-    return get_scenario(cfg.scenario).default_vehicles if cfg.vehicles_count is None else cfg.vehicles_count
-
-
-def highway_env_config(cfg: EnvConfig) -> tuple[str, dict[str, Any]]:
-    """The highway-env env id and config dict for ``cfg``.
-
-    The sim's own viewer is not used (`highway_backend.Camera` draws the observation), so no
-    screen settings are passed.
-    """
-    spec = get_scenario(cfg.scenario)
-    sim: dict[str, Any] = {
-        # The env computes its own observation; this one is the cheapest highway-env offers
-        # (Kinematics builds a pandas frame every step and halves the step rate).
-        "observation": {"type": "AttributesObservation", "attributes": ["time"]},
-        "action": {"type": "ContinuousAction", "longitudinal": True, "lateral": True, "clip": True},
-        "simulation_frequency": cfg.simulation_frequency,
-        "policy_frequency": cfg.policy_frequency,
-        # DrivingEnv decides when an episode ends; keep highway-env's own clock out of the way.
-        "duration": 10 * cfg.episode_seconds + 1000,
-        "offroad_terminal": False,
-        "show_trajectories": False,
-        "offscreen_rendering": True,
-        # v1.12 behaviour: leaders are also found on the next/previous lane segment.
-        "neighbour_vehicles_connected_lanes": True,
-        **spec.sim_config,
-    }
-    if spec.vehicles_key is not None:
-        sim[spec.vehicles_key] = vehicles_count(cfg)
-    if cfg.scenario == "urban":
-        # highway-env tries a spawn every policy step; its default (0.6 at 1 Hz) would flood the
-        # junction at 10 Hz, so keep the per-second rate.
-        sim["spawn_probability"] = min(1.0, spec.sim_config["spawn_probability"] / cfg.policy_frequency)
-        sim["destination"] = None
-    if cfg.scenario == "racetrack":
-        sim["terminate_off_road"] = False
-    return spec.env_id, sim

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from stages.common import torch_threads  # noqa: F401  (re-exported: the stages import it from here)
-
+from stages.envs.base import step_seconds  # noqa: F401  (re-exported: the evaluate stage imports it from here)
 from stages.metrics.driving_score import OUTSIDE_LANES_KEYS, collision_counts, count_events, summarise
 from stages.training import TokenCache
 
@@ -24,16 +24,6 @@ log = logging.getLogger(__name__)
 # The leaderboard's blocked test (ActorSpeedAboveThresholdTest): below this speed the car counts as
 # standing still; standing still for too long ends the route.
 BLOCKED_SPEED = 0.1        # m/s
-DEFAULT_POLICY_FREQUENCY = 10
-
-
-def step_seconds(env: Any) -> float:
-    """Simulated seconds per env step (1 / policy frequency) of either backend."""
-    inner = getattr(env, "unwrapped", env)
-    freq = getattr(inner, "policy_frequency", None)
-    if freq is None:
-        freq = getattr(getattr(inner, "cfg", None), "policy_frequency", None)
-    return 1.0 / float(freq or DEFAULT_POLICY_FREQUENCY)
 
 
 def _speed(info: dict[str, Any]) -> float:

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from stages.envs import (
     ACTION_HIGH, ACTION_LOW, SCENARIOS, STATE_FIELDS, EnvConfig, RewardConfig, make_env, make_vector_env)
-from stages.envs.highway_backend import MAX_ACCELERATION, MAX_BRAKING, DrivingEnv
+from stages.envs.highway import DrivingEnv
+from stages.envs.highway.sims import MAX_ACCELERATION, MAX_BRAKING
 from stages.envs.spaces import COMMAND_CHARSET
 
 INFO_KEYS = {"velocity", "speed", "lane_deviation", "heading_error", "collision", "route_completion",
