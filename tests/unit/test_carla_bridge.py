@@ -23,7 +23,8 @@ from stages.envs.rewards import compute_driving_reward, reward_terms
 from stages.envs.spaces import STATE_FIELDS, clip_action
 from tests.fakes import fake_carla
 
-# The info keys of the embedded backend (stages/envs/highway_backend.py), which the bridge must carry.
+# The info keys of the env contract (stages/envs/base.py, INFO_KEYS; the highway backend in stages/envs/highway/
+# carries them too), which the bridge must carry.
 HIGHWAY_INFO_KEYS = {"velocity", "speed", "lane_deviation", "heading_error", "collision", "route_completion",
                      "infractions", "ego_pose", "command", "caption", "scenario", "lane_index", "done_reason"}
 INFRACTION_KEYS = {"collision", "off_road", "lane_invasion", "wrong_way", "speeding"}
@@ -802,6 +803,53 @@ def test_lifecycle_is_one_state_through_initialize_step_failure_reset_and_close(
     bridge.reset()                                           # a closed bridge connects again
     assert bridge.lifecycle is Lifecycle.RUNNING
     bridge.close()
+
+
+def test_the_bridge_is_a_backend_of_the_env_contract(bridge):
+    from stages.envs.base import INFO_KEYS, DrivingEnvBase, step_seconds
+    from stages.envs.base import INFRACTION_KEYS as CONTRACT_INFRACTIONS
+
+    assert isinstance(bridge, DrivingEnvBase) and bridge.metadata["render_fps"] == bridge.config.fps
+    obs, info = bridge.reset(seed=0)
+    assert set(INFO_KEYS) <= set(info) and info["done_reason"] == "" and bridge.episode_id == 1
+    obs, _, _, _, info = bridge.step(IDLE)
+    assert set(INFO_KEYS) <= set(info) and set(info["infractions"]) == set(CONTRACT_INFRACTIONS)
+    assert bridge.infractions == info["infractions"] and bridge.elapsed_steps == 1
+    assert step_seconds(bridge) == pytest.approx(bridge.config.control_dt)
+    assert bridge.elapsed_seconds == pytest.approx(bridge.config.control_dt)
+    assert np.array_equal(bridge.render(), obs["image"])
+    bridge.reset()
+    assert bridge.episode_id == 2 and bridge.elapsed_steps == 0 and sum(bridge.infractions.values()) == 0
+
+
+def test_a_collision_off_the_road_ends_as_a_collision(bridge, server, fake):
+    # The contract's order: collision before off_road; both are counted.
+    bridge.reset(seed=0, options={"spawn_index": 0})
+    teleport(bridge, fake, 30.0, -5.0)
+    server.world.fake_inject_collision(bridge.ego)
+    *_, terminated, _, info = bridge.step(IDLE)
+    assert terminated and info["done_reason"] == "collision"
+    assert info["infractions"]["collision"] == 1 and info["infractions"]["off_road"] == 1
+
+
+def test_observations_are_copies_the_reused_first_reset_does_not_see_changed(fake, server):
+    bridge = make_bridge(fake)
+    bridge.initialize()
+    obs, info = bridge.reset()                               # initialize()'s episode, reused
+    image = obs["image"].copy()
+    obs["image"][:] = 0
+    info["caption"] = "changed"
+    assert np.array_equal(bridge.render(), image) and bridge.caption() != "changed"
+    bridge.close()
+
+
+def test_step_after_reconnect_asks_for_a_reset(bridge, server):
+    bridge.reset(seed=0)
+    bridge.reconnect()
+    with pytest.raises(RuntimeError, match="reset"):
+        bridge.step(IDLE)
+    bridge.reset()
+    bridge.step(IDLE)
 
 
 def test_make_carla_env_from_an_env_config(fake, server):

@@ -6,6 +6,7 @@ after reconnecting only when the server is still in that episode (actor ids are 
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -16,9 +17,6 @@ from stages.envs.carla_bridge.errors import is_connection_error
 from stages.envs.carla_bridge.routing import Route, RoutePlanner
 from stages.envs.carla_bridge.session import Lifecycle
 from stages.envs.scenarios import ScenarioSpec
-
-if TYPE_CHECKING:
-    from contextlib import AbstractContextManager
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +52,7 @@ class ActorsMixin:
 
     config: SimulatorConfig
     carla: Any
-    spec_: ScenarioSpec
+    scenario_spec: ScenarioSpec
     _state: Lifecycle
     _client: Any
     _world: Any
@@ -129,7 +127,7 @@ class ActorsMixin:
         if count <= 0:
             return
         carla = self.carla
-        blueprints = self._vehicle_blueprints(cars_only=self.spec_.carla.vehicle_type == "fast")
+        blueprints = self._vehicle_blueprints(cars_only=self.scenario_spec.carla.vehicle_type == "fast")
         if not blueprints:
             log.warning("no vehicle blueprints: no traffic")
             return

@@ -10,7 +10,7 @@ import numpy as np
 
 from stages.envs import captions
 from stages.envs.carla_bridge.config import SimulatorConfig
-from stages.envs.carla_bridge.measure import wrap_angle
+from stages.envs.geometry import wrap_angle
 from stages.envs.scenarios import CARLA_TOWNS
 
 CAPTION_RANGE_M = 50.0             # neighbours further away are not in the caption

@@ -5,12 +5,13 @@ This module holds what the env contract sees (gymnasium's reset / step / render 
 it: `session` (connection, world settings, the `Lifecycle`), `actors` (spawning, destruction), `sensors`
 (camera frames, collision and lane events), `measure` (``info``, the observation), `caption`, `expert`.
 
-Observation, action, reward and ``info`` are those of `stages.envs.highway_backend.DrivingEnv`
-(docs/contracts.md): ``image`` uint8 (S, S, 3) from an RGB camera on the ego, ``state`` float32 in
-``STATE_FIELDS`` order, ``command`` text from the route; action ``[throttle, steer, brake]``; reward
-`compute_driving_reward`; terminated on a collision or leaving the road (and, CARLA-only, on
-straying ``off_route_distance_m`` from the route); truncated at the route's end or
-``max_episode_steps``; ``info["done_reason"]`` says which.
+The env contract is `stages.envs.base.DrivingEnvBase`, which the highway backend (`stages.envs.highway`)
+shares (docs/contracts.md): the base owns seeding, step counting, the infraction counters, the episode
+ends and their order, the reward (`compute_driving_reward`) and the observation; this class supplies the
+simulator side (`_begin_episode`, `_advance`, `_measure`, ...). ``image`` uint8 (S, S, 3) comes from an
+RGB camera on the ego, ``command`` text from the route; terminated on a collision (unless
+``terminate_on_collision`` is off), leaving the road or straying ``off_route_distance_m`` from the route;
+truncated at the route's end or ``max_episode_steps``; ``info["done_reason"]`` says which.
 
 How it talks to the server:
 - synchronous mode, ``fixed_delta_seconds = control_dt`` with physics sub-steps of ``physics_dt``
@@ -45,10 +46,10 @@ import logging
 import queue
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 
 from stages.envs import captions
+from stages.envs.base import DrivingEnvBase
 from stages.envs.carla_bridge.actors import ActorsMixin, Spawned
 from stages.envs.carla_bridge.caption import CaptionMixin
 from stages.envs.carla_bridge.config import SimulatorConfig
@@ -59,35 +60,26 @@ from stages.envs.carla_bridge.routing import Route, RoutePlanner, RouteTracker
 from stages.envs.carla_bridge.sensors import SensorEvents, SensorsMixin
 from stages.envs.carla_bridge.session import Lifecycle, SessionMixin
 from stages.envs.config import EnvConfig
-from stages.envs.rewards import compute_driving_reward
-from stages.envs.scenarios import get_scenario
-from stages.envs.spaces import FRONT_DISTANCE_MAX, action_space, clip_action, observation_space
+from stages.envs.spaces import FRONT_DISTANCE_MAX
 
 log = logging.getLogger(__name__)
 
 
-class CARLABridge(SessionMixin, ActorsMixin, SensorsMixin, MeasureMixin, CaptionMixin, gym.Env):
+class CARLABridge(SessionMixin, ActorsMixin, SensorsMixin, MeasureMixin, CaptionMixin, DrivingEnvBase):
     """The CARLA backend of the driving env (see the module docstring)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
 
     def __init__(self, config: SimulatorConfig | None = None, carla_module: Any = None,
                  seed: int | None = None, render_mode: str | None = None) -> None:
-        super().__init__()
-        self.config = config or SimulatorConfig()
+        config = config or SimulatorConfig()
+        # ``seed``: the seed of the first reset that names none (default: the config's).
+        super().__init__(scenario=config.scenario, image_size=config.obs_size,
+                         policy_frequency=config.policy_frequency, max_episode_steps=config.max_episode_steps,
+                         reward_config=config.resolved_reward(), seed=config.seed if seed is None else seed,
+                         render_mode=render_mode, render_fps=config.fps)
+        self.config = config
         self.carla = load_carla(carla_module)
-        self.render_mode = render_mode
-        self.scenario = self.config.scenario
-        self.spec_ = get_scenario(self.scenario)
-        self.reward_config = self.config.resolved_reward()
-        self.target_speed = self.reward_config.target_speed
-        self.policy_frequency = self.config.policy_frequency
-        self.metadata = {**self.metadata, "render_fps": self.config.fps}
-        self.observation_space = observation_space(self.config.obs_size)
-        self.action_space = action_space()
-        # The seed of the first reset that names none; later resets continue the generator.
-        self._first_seed = self.config.seed if seed is None else seed
-        self.episode_id = 0
 
         # Server-side handles
         self._client: Any = None
@@ -103,21 +95,18 @@ class CARLABridge(SessionMixin, ActorsMixin, SensorsMixin, MeasureMixin, Caption
         self._orphans: tuple[int | None, list[int]] | None = None
         self._state = Lifecycle.DISCONNECTED
 
-        # Episode
+        # Episode (the base holds the counters, infractions, command and frame)
         self._spawned = Spawned()
         self._images: queue.Queue[Any] = queue.Queue()
         self._events = SensorEvents()
         self._tracker: RouteTracker | None = None
         self._frame_id = 0
-        self._steps = 0
-        self._last_action = np.zeros(3, dtype=np.float32)
-        self._infractions = self._zero_infractions()
         self._command = captions.FOLLOW_LANE
-        self._rgb: np.ndarray | None = None
+        # The last observation and info, for the reset that reuses initialize()'s episode.
         self._obs: dict[str, Any] | None = None
         self._info: dict[str, Any] = {}
         self._on_road = True
-        self._front_gap = FRONT_DISTANCE_MAX
+        self._gap_ahead = FRONT_DISTANCE_MAX
         self.dropped_frames = 0          # stale camera frames skipped by frame matching (diagnostics)
         if not self.config.render:
             log.warning("render=False: CARLA runs in no_rendering_mode and the observation image is black")
@@ -152,7 +141,7 @@ class CARLABridge(SessionMixin, ActorsMixin, SensorsMixin, MeasureMixin, Caption
         self._state = Lifecycle.CONNECTED
 
     # ------------------------------------------------------------------------------------------
-    # gymnasium API
+    # gymnasium API (step and render are the base's)
     # ------------------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None
               ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -160,62 +149,8 @@ class CARLABridge(SessionMixin, ActorsMixin, SensorsMixin, MeasureMixin, Caption
             # initialize() built this episode and nothing has stepped it: it is the episode this
             # reset would build (same seed), so do not spawn everything twice.
             self._state = Lifecycle.RUNNING
-            assert self._obs is not None
             return self._copy_obs(), dict(self._info)
-        if seed is None:
-            seed = self._first_seed
-        self._first_seed = None
-        super().reset(seed=seed)
-        if self._state is Lifecycle.FRESH:
-            self._state = Lifecycle.RUNNING
-        if self._state is Lifecycle.BROKEN:
-            self.reconnect()
-        elif self._client is None:
-            self._connect_with_retries()
-            self._setup_world()
-        self._build_episode(options or {})
-        assert self._obs is not None
-        return self._copy_obs(), dict(self._info)
-
-    def step(self, action: np.ndarray) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
-        if self._state is Lifecycle.BROKEN:
-            raise CarlaConnectionError("the connection to CARLA was lost; call reset() to reconnect")
-        if not self._state.in_episode:
-            raise RuntimeError("call reset() before step()")
-        self._state = Lifecycle.RUNNING
-        a = clip_action(action)
-        carla = self.carla
-        with self._guard("step"):
-            ego = self._spawned.ego
-            ego.apply_control(carla.VehicleControl(throttle=float(a[0]), steer=float(a[1]), brake=float(a[2])))
-            frame = int(self._world.tick(self.config.timeout_s))
-            self._receive_image(frame)
-            self._follow_with_spectator()
-        self._frame_id = frame
-        self._steps += 1
-        self._last_action = a
-        collisions, invasions = self._events.take(frame)
-        info = self._measure(collisions, invasions)
-        done_reason = ""
-        terminated = truncated = False
-        if info["collision"] and self.config.terminate_on_collision:
-            terminated, done_reason = True, "collision"
-        elif not self._on_road:
-            terminated, done_reason = True, "off_road"
-        elif self._tracker is not None and self._tracker.distance > self.config.off_route_distance_m:
-            terminated, done_reason = True, "off_route"
-        elif self._tracker is not None and self._tracker.finished:
-            truncated, done_reason = True, "route_completed"
-        elif self._steps >= self.config.max_episode_steps:
-            truncated, done_reason = True, "time_limit"
-        info["done_reason"] = done_reason
-        self._info = info
-        reward = compute_driving_reward(self, a, info, self.reward_config)
-        self._obs = self._observe()
-        return self._copy_obs(), reward, terminated, truncated, dict(info)
-
-    def render(self) -> np.ndarray | None:
-        return None if self._rgb is None else self._rgb.copy()
+        return super().reset(seed=seed, options=options)
 
     def close(self) -> None:
         """Destroy every spawned actor and give the server back in asynchronous mode."""
@@ -237,15 +172,64 @@ class CARLABridge(SessionMixin, ActorsMixin, SensorsMixin, MeasureMixin, Caption
         super().close()
 
     # ------------------------------------------------------------------------------------------
+    # The backend's part of the env contract (`DrivingEnvBase`)
+    # ------------------------------------------------------------------------------------------
+    def _begin_episode(self, options: dict[str, Any]) -> dict[str, Any]:
+        if self._state is Lifecycle.BROKEN:
+            self.reconnect()
+        elif self._client is None:
+            self._connect_with_retries()
+            self._setup_world()
+        return self._build_episode(options)
+
+    def _check_can_step(self) -> None:
+        if self._state is Lifecycle.BROKEN:
+            raise CarlaConnectionError("the connection to CARLA was lost; call reset() to reconnect")
+        if not self._state.in_episode:   # e.g. after reconnect(), which ends the episode
+            raise RuntimeError("call reset() before step()")
+        super()._check_can_step()
+
+    def _advance(self, action: np.ndarray) -> None:
+        """One ``world.tick()`` under ``action``, and the camera frame it rendered."""
+        self._state = Lifecycle.RUNNING
+        with self._guard("step"):
+            self._spawned.ego.apply_control(self.carla.VehicleControl(
+                throttle=float(action[0]), steer=float(action[1]), brake=float(action[2])))
+            frame = int(self._world.tick(self.config.timeout_s))
+            self._receive_image(frame)
+            self._follow_with_spectator()
+        self._frame_id = frame
+
+    def _measure(self) -> dict[str, Any]:
+        return self._measure_events(*self._events.take(self._frame_id))
+
+    def _observe(self, info: dict[str, Any]) -> dict[str, Any]:
+        # Kept (with the info) for the reset that reuses initialize()'s episode; callers get copies.
+        self._obs = super()._observe(info)
+        self._info = dict(info)
+        return self._copy_obs()
+
+    def _off_road(self) -> bool:
+        return not self._on_road
+
+    def _front_gap(self) -> float:
+        return self._gap_ahead
+
+    def _collided(self, info: dict[str, Any]) -> bool:
+        return bool(info["collision"]) and self.config.terminate_on_collision
+
+    def _off_route(self) -> bool:
+        return self._tracker is not None and self._tracker.distance > self.config.off_route_distance_m
+
+    def _route_completed(self) -> bool:
+        return self._tracker is not None and self._tracker.finished
+
+    # ------------------------------------------------------------------------------------------
     # Views shared with the embedded backend (expert, captions, evaluation)
     # ------------------------------------------------------------------------------------------
     @property
     def route_completion(self) -> float:
         return self._tracker.completion if self._tracker is not None else 0.0
-
-    @property
-    def command(self) -> str:
-        return self._command
 
     @property
     def route(self) -> Route | None:
@@ -289,18 +273,18 @@ class CARLABridge(SessionMixin, ActorsMixin, SensorsMixin, MeasureMixin, Caption
         if not self._state.in_episode or self._tracker is None:
             raise RuntimeError("call reset() before expert_action()")
         return expert_action(self._tracker, self._spawned.ego,
-                             self.target_speed if target_speed is None else float(target_speed), self._front_gap)
+                             self.target_speed if target_speed is None else float(target_speed), self._gap_ahead)
 
     # ------------------------------------------------------------------------------------------
     # Episodes
     # ------------------------------------------------------------------------------------------
-    def _build_episode(self, options: dict[str, Any]) -> None:
+    def _build_episode(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Spawn an episode drawn from ``self.np_random``; its first info."""
         cfg = self.config
         self._destroy_spawned()
         self._spawned.world_id = int(self._world.id)
         rng = self.np_random
         episode_seed = int(rng.integers(2**31 - 1))
-        self.episode_id += 1
         self._events = SensorEvents()
         self._images = queue.Queue()
         with self._guard("reset"):
@@ -324,16 +308,11 @@ class CARLABridge(SessionMixin, ActorsMixin, SensorsMixin, MeasureMixin, Caption
         self._tracker = RouteTracker(route)
         start = self._spawned.ego.get_location()
         self._tracker.begin(np.array([start.x, start.y]))
-        self._steps = 0
-        self._last_action = np.zeros(3, dtype=np.float32)
-        self._infractions = self._zero_infractions()
         self._state = Lifecycle.RUNNING
-        info = self._measure([], [])
-        info["done_reason"] = ""
-        self._info = info
-        self._obs = self._observe()
+        info = self._measure_events([], [])
         log.debug("episode %d: %s, route %.0f m, %d vehicles, %d walkers", self.episode_id, cfg.town,
                   route.length, len(self._spawned.vehicles), len(self._spawned.walkers))
+        return info
 
 
 def make_carla_env(cfg: EnvConfig, seed: int | None = None, carla_module: Any = None, slot: int = 0,

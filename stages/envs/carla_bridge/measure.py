@@ -1,5 +1,6 @@
 """What a step measures on the server: speed, lane offset and heading error, whether the ego is on the road,
-the infractions, the command of the route, the gap to whatever is ahead — ``info`` and the observation.
+the infractions (counted by `DrivingEnvBase._count_infractions`), the command of the route, the gap to
+whatever is ahead — the step's ``info``.
 """
 from __future__ import annotations
 
@@ -11,12 +12,8 @@ import numpy as np
 from stages.envs import captions
 from stages.envs.carla_bridge.config import SimulatorConfig
 from stages.envs.carla_bridge.routing import RouteTracker
-from stages.envs.spaces import FRONT_DISTANCE_MAX, make_state, sanitize_command
-
-
-def wrap_angle(angle: float) -> float:
-    """``angle`` in [-pi, pi)."""
-    return (angle + math.pi) % (2 * math.pi) - math.pi
+from stages.envs.geometry import wrap_angle
+from stages.envs.spaces import FRONT_DISTANCE_MAX
 
 
 class MeasureMixin:
@@ -25,28 +22,23 @@ class MeasureMixin:
     config: SimulatorConfig
     carla: Any
     scenario: str
-    target_speed: float
     _map: Any
     _spawned: Any
     _tracker: RouteTracker | None
     _infractions: dict[str, int]
     _command: str
     _on_road: bool
-    _front_gap: float
+    _gap_ahead: float
     _frame_id: int
-    _last_action: np.ndarray
-    _rgb: np.ndarray | None
-    _info: dict[str, Any]
     _obs: dict[str, Any] | None
 
     if TYPE_CHECKING:
         def _caption(self, speed: float, lateral: float, lane_number: int | None, lanes_count: int | None,
                      yaw: float, xy: np.ndarray, lane_wp: Any, collided: bool) -> str: ...   # CaptionMixin
 
-    @staticmethod
-    def _zero_infractions() -> dict[str, int]:
-        # The embedded backend's keys, so that evaluation summaries compare across backends.
-        return {"collision": 0, "off_road": 0, "lane_invasion": 0, "wrong_way": 0, "speeding": 0}
+        def _count_infractions(self, *, collisions: int, lane_invasions: int, off_road: bool,
+                               heading_error: float, speed: float,
+                               speed_limit: float | None) -> None: ...   # DrivingEnvBase
 
     def _lane_reference(self, location: Any, xy: np.ndarray) -> tuple[float, float, Any]:
         """(lateral offset m, positive right; lane heading rad; lane waypoint or None)."""
@@ -80,8 +72,10 @@ class MeasureMixin:
         left, right = count("get_left_lane"), count("get_right_lane")
         return left + 1, left + right + 1
 
-    def _measure(self, collisions: list[tuple[int, str]], invasions: list[tuple[int, tuple[str, ...]]]
-                 ) -> dict[str, Any]:
+    def _measure_events(self, collisions: list[tuple[int, str]], invasions: list[tuple[int, tuple[str, ...]]]
+                        ) -> dict[str, Any]:
+        """The info after a tick whose sensors reported ``collisions`` and ``invasions`` (no ``done_reason``:
+        the base adds it)."""
         ego, tracker, carla = self._spawned.ego, self._tracker, self.carla
         assert ego is not None and tracker is not None
         t = ego.get_transform()
@@ -96,22 +90,15 @@ class MeasureMixin:
         self._on_road = self._map.get_waypoint(loc, project_to_road=False,
                                                lane_type=carla.LaneType.Driving) is not None
 
-        inf = self._infractions
-        inf["collision"] += len(collisions)
-        inf["lane_invasion"] += len(invasions)
-        if not self._on_road:
-            inf["off_road"] += 1
-        if abs(heading_error) > math.pi / 2:
-            inf["wrong_way"] += 1
-        limit = float(ego.get_speed_limit()) / 3.6    # km/h -> m/s
-        if limit > 0 and speed > 1.1 * max(limit, self.target_speed):
-            inf["speeding"] += 1
+        self._count_infractions(collisions=len(collisions), lane_invasions=len(invasions), off_road=not self._on_road,
+                                heading_error=heading_error, speed=speed,
+                                speed_limit=float(ego.get_speed_limit()) / 3.6)    # km/h -> m/s
 
         self._command = tracker.command(self.config.command_lookahead_m) if not tracker.finished \
             else captions.FOLLOW_LANE
         lane_number, lanes_count = self._lanes_around(lane_wp)
         collided = bool(collisions)
-        self._front_gap = self._front_distance(xy)
+        self._gap_ahead = self._front_distance(xy)
         return {
             "velocity": np.array([v.x, -v.y, v.z], dtype=np.float32),
             "speed": speed,
@@ -119,13 +106,12 @@ class MeasureMixin:
             "heading_error": float(heading_error),
             "collision": collided,
             "route_completion": tracker.completion,
-            "infractions": dict(inf),
+            "infractions": dict(self._infractions),
             "ego_pose": np.array([loc.x, -loc.y, wrap_angle(-yaw)], dtype=np.float32),
             "command": self._command,
             "caption": self._caption(speed, lateral, lane_number, lanes_count, yaw, xy, lane_wp, collided),
             "scenario": self.scenario,
             "lane_index": int(lane_number - 1) if lane_number is not None else 0,
-            "done_reason": "",
             "town": self.config.town,
             "frame": int(self._frame_id),
         }
@@ -166,19 +152,6 @@ class MeasureMixin:
             gap = ahead - ego_half - float(actor.bounding_box.extent.x)
             best = min(best, max(gap, 0.0))
         return best
-
-    def _observe(self) -> dict[str, Any]:
-        a = self._last_action
-        tracker = self._tracker
-        assert tracker is not None and self._rgb is not None
-        info = self._info
-        state = make_state({
-            "speed": info["speed"], "lateral_offset": info["lane_deviation"],
-            "heading_error": info["heading_error"], "last_throttle": a[0], "last_steer": a[1],
-            "last_brake": a[2], "front_distance": min(self._front_gap, FRONT_DISTANCE_MAX),
-            "route_completion": tracker.completion,
-        })
-        return {"image": self._rgb, "state": state, "command": sanitize_command(self._command)}
 
     def _copy_obs(self) -> dict[str, Any]:
         assert self._obs is not None

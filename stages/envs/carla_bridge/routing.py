@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from stages.envs import captions
+from stages.envs.geometry import wrap_angle
 
 Node = tuple[float, float, float]
 LaneKey = tuple[int, int, int]        # (road_id, section_id, lane_id)
@@ -402,7 +403,7 @@ class RouteTracker:
         seg = b - a
         n = float(np.linalg.norm(seg))
         ya, yb = float(r.yaw[i]), float(r.yaw[i + 1])
-        heading = ya + t * ((yb - ya + math.pi) % (2 * math.pi) - math.pi)
+        heading = ya + t * wrap_angle(yb - ya)
         if n < 1e-6:
             return 0.0, heading
         u = seg / n

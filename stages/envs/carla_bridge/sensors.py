@@ -82,7 +82,7 @@ class SensorsMixin:
     _spawned: Any
     _images: queue.Queue[Any]
     _events: SensorEvents
-    _rgb: np.ndarray | None
+    _frame: np.ndarray | None
     dropped_frames: int
 
     def _spawn_sensors(self) -> None:
@@ -109,7 +109,7 @@ class SensorsMixin:
         """The camera image of ``frame``: older frames in the queue are dropped."""
         size = self.config.obs_size
         if not self.config.render:
-            self._rgb = np.zeros((size, size, 3), dtype=np.uint8)
+            self._frame = np.zeros((size, size, 3), dtype=np.uint8)
             return
         deadline = time.monotonic() + self.config.sensor_timeout_s
         while True:
@@ -128,7 +128,7 @@ class SensorsMixin:
                 continue
             if int(image.frame) > frame:
                 log.warning("camera frame %d is newer than the tick's frame %d", image.frame, frame)
-            self._rgb = resize_rgb(image_to_rgb(image), size)
+            self._frame = resize_rgb(image_to_rgb(image), size)
             return
 
     def _follow_with_spectator(self) -> None:

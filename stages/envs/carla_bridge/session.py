@@ -75,7 +75,7 @@ class SessionMixin:
 
     config: SimulatorConfig
     carla: Any
-    spec_: ScenarioSpec
+    scenario_spec: ScenarioSpec
     _state: Lifecycle
     _client: Any
     _world: Any
@@ -179,7 +179,7 @@ class SessionMixin:
 
     def _setup_world(self) -> None:
         cfg, carla = self.config, self.carla
-        spec = self.spec_.carla
+        spec = self.scenario_spec.carla
         with self._guard("world setup"):
             world = self._world
             town = cfg.town
