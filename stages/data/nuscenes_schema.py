@@ -13,6 +13,8 @@ import re
 import numpy as np
 
 from stages.data.errors import DatasetError
+# The project's one angle wrap, re-exported: the nuScenes reader and writer import it from here.
+from stages.envs.geometry import wrap_angle as wrap_angle
 
 # The 13 tables the devkit loads, in its own order (``NuScenes.__init__``).
 TABLES: tuple[str, ...] = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor",
@@ -108,10 +110,6 @@ def quaternion_yaw(q: list[float] | np.ndarray) -> float:
     ``yaw_pitch_roll[0]``."""
     w, x, y, z = (float(v) for v in q)
     return math.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
-
-
-def wrap_angle(a: np.ndarray | float) -> np.ndarray | float:
-    return (np.asarray(a) + np.pi) % (2.0 * np.pi) - np.pi
 
 
 def command_from_trajectory(trajectory: np.ndarray, threshold: float = COMMAND_THRESHOLD_M) -> str:

@@ -3,6 +3,7 @@ shape of `stages.envs` (no import cycles, one mission per scenario, modules unde
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,18 @@ def test_wrap_angle_is_the_inline_formula(angle):
 def test_wrap_angle_works_on_arrays():
     a = np.array([-4.0, 0.5, 7.0])
     assert np.array_equal(wrap_angle(a), (a + np.pi) % (2 * np.pi) - np.pi)
+
+
+def test_wrap_angle_has_one_home():
+    from stages.data import nuscenes_schema
+
+    assert nuscenes_schema.wrap_angle is wrap_angle          # kept importable there for the nuScenes modules
+    # No module of stages/ writes the wrap out again (``(a + pi) % (2 * pi) - pi`` in any spelling).
+    inline = re.compile(r"pi\)?\s*%\s*\(?\s*2(\.0)?\s*\*\s*(math|np|numpy)\.pi")
+    copies = [f"{path.relative_to(ROOT)}:{n}" for path in sorted((ROOT / "stages").rglob("*.py"))
+              if path != ROOT / "stages" / "envs" / "geometry.py"
+              for n, line in enumerate(path.read_text().splitlines(), 1) if inline.search(line)]
+    assert copies == []
 
 
 # -- the package's shape ---------------------------------------------------------------------------
