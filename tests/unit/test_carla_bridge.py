@@ -267,6 +267,22 @@ def test_driving_into_a_parked_car_is_a_collision(bridge, server, fake):
     assert info["done_reason"] == "collision" and info["collision"]
 
 
+def test_late_sensor_events_of_the_settling_ticks_are_dropped():
+    from types import SimpleNamespace
+
+    from stages.envs.carla_bridge.sensors import SensorEvents
+
+    events = SensorEvents()
+    events.on_collision(SimpleNamespace(frame=4, other_actor=None))
+    events.clear(through_frame=10)                             # the episode starts at frame 10
+    marking = SimpleNamespace(type="Broken")
+    for frame in (9, 10, 11):                                  # 9 and 10 arrive after the clear
+        events.on_collision(SimpleNamespace(frame=frame, other_actor=None))
+        events.on_lane_invasion(SimpleNamespace(frame=frame, crossed_lane_markings=[marking]))
+    collisions, invasions = events.take(11)
+    assert [f for f, _ in collisions] == [11] and invasions == [(11, ("Broken",))]
+
+
 def test_collision_can_be_non_terminal(fake, server):
     bridge = make_bridge(fake, terminate_on_collision=False)
     bridge.reset(seed=0)

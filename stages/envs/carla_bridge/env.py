@@ -302,8 +302,9 @@ class CARLABridge(SessionMixin, ActorsMixin, SensorsMixin, MeasureMixin, Caption
                 frame = int(self._world.tick(cfg.timeout_s))
             self._receive_image(frame)
             self._follow_with_spectator()
-        # Contacts while things dropped onto the road are not the policy's doing.
-        self._events.clear()
+        # Contacts while things dropped onto the road are not the policy's doing (nor are those
+        # of the settling ticks that the sensor threads deliver late).
+        self._events.clear(through_frame=frame)
         self._frame_id = frame
         self._tracker = RouteTracker(route)
         start = self._spawned.ego.get_location()

@@ -45,16 +45,21 @@ class SensorEvents:
     lock: threading.Lock = field(default_factory=threading.Lock)
     collisions: list[tuple[int, str]] = field(default_factory=list)      # (frame, other actor type)
     invasions: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)  # (frame, marking types)
+    # Events of frames up to here are dropped, also when they arrive late: the sensor threads may
+    # deliver a frame's events after world.tick() has returned (see `clear`).
+    floor: int = -1
 
     def on_collision(self, event: Any) -> None:
         other = getattr(event, "other_actor", None)
         with self.lock:
-            self.collisions.append((int(event.frame), str(getattr(other, "type_id", "unknown"))))
+            if int(event.frame) > self.floor:
+                self.collisions.append((int(event.frame), str(getattr(other, "type_id", "unknown"))))
 
     def on_lane_invasion(self, event: Any) -> None:
         kinds = tuple(str(getattr(m.type, "name", m.type)) for m in event.crossed_lane_markings)
         with self.lock:
-            self.invasions.append((int(event.frame), kinds))
+            if int(event.frame) > self.floor:
+                self.invasions.append((int(event.frame), kinds))
 
     def take(self, frame: int) -> tuple[list[tuple[int, str]], list[tuple[int, tuple[str, ...]]]]:
         """Events up to ``frame`` (later ones stay for the next step)."""
@@ -65,10 +70,13 @@ class SensorEvents:
             self.invasions = [e for e in self.invasions if e[0] > frame]
         return col, inv
 
-    def clear(self) -> None:
+    def clear(self, through_frame: int | None = None) -> None:
+        """Drop the events so far and, given ``through_frame``, any of frames up to it still to come."""
         with self.lock:
             self.collisions.clear()
             self.invasions.clear()
+            if through_frame is not None:
+                self.floor = max(self.floor, int(through_frame))
 
 
 class SensorsMixin:
