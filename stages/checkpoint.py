@@ -115,10 +115,12 @@ def encode(value: Any, where: str = "state") -> Any:
                 "shape": list(value.shape)}
     if isinstance(value, _PLAIN):
         return value
-    if isinstance(value, dict) and type(value) in (dict, OrderedDict):
-        return type(value)((k, encode(v, f"{where}[{k!r}]")) for k, v in value.items())
-    if type(value) in (list, tuple, torch.Size):
-        return type(value)(encode(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, dict):  # subclasses (Counter, defaultdict) come back as plain dicts
+        kind = OrderedDict if isinstance(value, OrderedDict) else dict
+        return kind((k, encode(v, f"{where}[{k!r}]")) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        kind = torch.Size if isinstance(value, torch.Size) else list if isinstance(value, list) else tuple
+        return kind(encode(v, f"{where}[{i}]") for i, v in enumerate(value))
     raise TypeError(f"{where}: a {type(value).__name__} cannot be saved as plain data "
                     f"(store tensors, numpy arrays, numbers, strings, lists, tuples and dicts)")
 

@@ -35,7 +35,7 @@ def _state() -> dict:
                    "bool": np.array([True, False]), "text": np.array(["turn left", "go"]),
                    "empty": np.zeros((0, 3)), "zero_d": np.array(2.5), "strided": np.arange(10)[::3]},
         "scalars": [np.float64(0.25), np.int64(7), np.bool_(True)],
-        "counters": {"epoch": 3, "big": 2 ** 100, "none": None, "pair": (1, "a")},
+        "counters": {"epoch": 3, "big": 2 ** 100, "none": None, "pair": (1, "a"), "size": torch.Size([2, 3])},
         "rng": {**capture_rng(), "trainer": np.random.default_rng(5).bit_generator.state},
     }
 
@@ -95,6 +95,14 @@ def test_snapshot_and_restore_bring_back_weights_optimiser_counters(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
     assert other_optim.state_dict()["state"][0]["step"] == optim.state_dict()["state"][0]["step"]
     assert torch.equal(torch.rand(3), after)  # the RNG went back to where the snapshot was taken
+
+
+def test_dict_and_tuple_subclasses_are_saved_as_plain_containers(tmp_path):
+    from collections import Counter, defaultdict, namedtuple
+
+    pair = namedtuple("pair", "a b")
+    write_state(tmp_path / "s.pt", {"events": Counter(collision=2), "d": defaultdict(list, x=[1]), "p": pair(1, 2)})
+    assert read_state(tmp_path / "s.pt") == {"events": {"collision": 2}, "d": {"x": [1]}, "p": (1, 2)}
 
 
 def test_a_state_of_other_settings_is_not_resumed_and_is_kept(tmp_path):
