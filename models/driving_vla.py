@@ -19,7 +19,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -370,10 +370,11 @@ class DrivingVLA(nn.Module):
             raise FileNotFoundError(
                 f"{path} is not a complete DrivingVLA checkpoint: missing {', '.join(missing)}"
             )
-        config = DrivingVLAConfig.model_validate(json.loads((path / CONFIG_FILE).read_text()))
+        config = _read_file(path / CONFIG_FILE, lambda f: DrivingVLAConfig.model_validate(json.loads(f.read_text())))
         model = cls(config)
-        model.load_state_dict(load_file(str(path / WEIGHTS_FILE), device="cpu"), strict=True)
-        model.tokenizer = ByteTokenizer.load(path)
+        # A truncated or damaged file, or one of another model: the error names it and how to get it back.
+        _read_file(path / WEIGHTS_FILE, lambda f: model.load_state_dict(load_file(str(f), device="cpu"), strict=True))
+        model.tokenizer = _read_file(path / TOKENIZER_FILE, lambda f: ByteTokenizer.load(f.parent))
         if model.tokenizer.max_length != config.max_text_length:
             raise ValueError(
                 f"{path / TOKENIZER_FILE}: max_length {model.tokenizer.max_length} does not match "
@@ -381,3 +382,24 @@ class DrivingVLA(nn.Module):
             )
         logger.info("loaded DrivingVLA from %s", path)
         return model.to(map_location).eval()
+
+
+class CheckpointFileError(ValueError):
+    """A file of a saved DrivingVLA that cannot be read; the message names it and what to do."""
+
+
+_T = TypeVar("_T")
+
+
+def _read_file(file: Path, read: Callable[[Path], _T]) -> _T:
+    """``read(file)``, any failure to parse it turned into a :class:`CheckpointFileError` naming it."""
+    try:
+        return read(file)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors, json and pydantic fail in their own ways
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise CheckpointFileError(
+            f"{file} is truncated, corrupt or of another model ({type(exc).__name__}: {detail}): re-run the "
+            f"stage that writes it, or restore it with `dvc checkout {file.parent}` (`dvc pull` if it is "
+            f"not in the local cache)") from exc

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,15 +36,16 @@ from models.distributions import ACTION_HIGH, ACTION_LOW
 from models.driving_vla import DrivingVLAOutput
 from stages.accel import (Distributed, autocast, batch_size_of, configure_backends, distributed, make_adamw,
                           maybe_compile, micro_batches, to_device)
+from stages.checkpoint import restore, snapshot
 from stages.common import resolve_device, seed_everything, stage_main, write_json
 from stages.config import OfflineParams, PipelineConfig
 from stages.data.dataset import DatasetError
 from stages.data.shards import ShardedDataset, SplitArrays, load_split_arrays, make_loader, read_manifest
-from stages.metrics.open_loop import (constant_velocity, fit_ego_status_mlp, format_table, open_loop_report,
-                                      plot_open_loop)
+from stages.metrics.held_out import evaluate
+from stages.metrics.open_loop import fit_ego_status_mlp, format_table, plot_open_loop
 from stages.resume import ResumePoint, fingerprint
 from stages.rl.iql import IQLConfig, IQLCritic, iql_losses
-from stages.training import TokenCache, encoder_parameters, load_or_init, rng_state, save_checkpoint, set_rng_state
+from stages.training import TokenCache, encoder_parameters, load_or_init, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -135,64 +137,6 @@ def init_heads(model, critic: IQLCritic | None, stats: dict[str, Any], gamma: fl
     model.value_head.fc2.bias.fill_(v0)
     if critic is not None:
         critic.init_bias(v0)
-
-
-@torch.no_grad()
-def predict(model, s: SplitArrays, tokens: TokenCache, device: str, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Planned trajectories ``[N, T, 2]`` and values ``[N]`` of every sample of ``s``."""
-    model.eval()
-    trajs, values = [], []
-    for i in range(0, len(s), batch_size):
-        sl = slice(i, i + batch_size)
-        out = model(torch.from_numpy(s.images[sl]).to(device), torch.from_numpy(s.states[sl]).to(device),
-                    tokens([str(c) for c in s.commands[sl]], device))
-        trajs.append(out.trajectory.cpu().numpy())
-        values.append(out.value.cpu().numpy())
-    return np.concatenate(trajs), np.concatenate(values)
-
-
-def auc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """P(a random positive scores above a random negative), ties counting half (Mann-Whitney U)."""
-    if not len(positive) or not len(negative):
-        return float("nan")
-    scores = np.concatenate([positive, negative])
-    ranks = np.empty(len(scores))
-    order = np.argsort(scores, kind="mergesort")
-    ranks[order] = np.arange(1, len(scores) + 1)
-    for v in np.unique(scores):       # average ranks of ties
-        tie = scores == v
-        ranks[tie] = ranks[tie].mean()
-    u = ranks[: len(positive)].sum() - len(positive) * (len(positive) + 1) / 2
-    return float(u / (len(positive) * len(negative)))
-
-
-def value_ranking(values: np.ndarray, s: SplitArrays) -> dict[str, float]:
-    """Mean V of clean vs perturbed simulator states, and the AUC of V separating them."""
-    sim = s.action_valid
-    clean, pert = values[sim & ~s.perturbed], values[sim & s.perturbed]
-    return {"value_clean_mean": float(clean.mean()) if len(clean) else float("nan"),
-            "value_perturbed_mean": float(pert.mean()) if len(pert) else float("nan"),
-            "value_auc_clean_vs_perturbed": auc(clean, pert)}
-
-
-def evaluate(model, val: SplitArrays, train_baseline: dict[str, Any], tokens: TokenCache, device: str,
-             step_seconds: float, ego_size: dict[str, list[float]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Open-loop report per source on clean, valid held-out samples, and the value ranking."""
-    pred, values = predict(model, val, tokens, device)
-    reports: dict[str, Any] = {}
-    for source in sorted(set(val.source.tolist())):
-        mask = (val.source == source) & val.traj_valid & ~val.perturbed
-        if not mask.any():
-            continue
-        part = val.select(mask)
-        planners = {
-            "model": pred[mask],
-            "const_velocity": constant_velocity(part.states[:, 0], pred.shape[1], step_seconds),
-            "ego_mlp": train_baseline["ego_mlp"].predict(part.states, part.commands),
-        }
-        reports[source] = open_loop_report(planners, part.trajectories, part.agent_boxes, part.agent_offsets,
-                                           step_seconds, tuple(ego_size[source]))
-    return reports, value_ranking(values, val)
 
 
 def _action_stats(s: SplitArrays, model, min_log_std: float) -> dict[str, list[float]]:
@@ -291,27 +235,78 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         return _run(cfg, dist)
 
 
+@dataclass
+class _Training:
+    """What the phases of one offline run share."""
+    cfg: PipelineConfig
+    dist: Distributed
+    device: str
+    manifest: dict[str, Any]
+    train_ds: ShardedDataset
+    loader: Any
+    scale: torch.Tensor
+    model: Any
+    critic: IQLCritic | None
+    params: list[torch.nn.Parameter]
+    optim: torch.optim.Optimizer
+    tokens: TokenCache
+    iql_cfg: IQLConfig
+    resume: ResumePoint
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    ego_mlp: Any = None
+    val: SplitArrays | None = None
+    forward: Any = None
+
+    @property
+    def o(self) -> OfflineParams:
+        return self.cfg.offline
+
+    def parts(self) -> dict[str, Any]:
+        return {"model": self.model, "critic": self.critic, "optim": self.optim}
+
+
 def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
+    t = _init(cfg, dist)
+    t0 = time.perf_counter()
+    for epoch in range(t.start_epoch, t.o.epochs):
+        sums, count = _train_epoch(t, epoch)
+        _end_epoch(t, epoch, sums, count)
+    reports, metrics = _final_metrics(t, time.perf_counter() - t0)
+    if dist.is_main:  # one writer: DVC's outputs, the metrics and the resume state
+        _write_outputs(t, reports, metrics)
+    dist.barrier()
+    return {"paths": {"checkpoint": t.o.out, "plot": str(PLOT)}, "metrics": metrics}
+
+
+def _read_manifest(cfg: PipelineConfig) -> dict[str, Any]:
+    """The built dataset's manifest, checked against the model's trajectory length."""
+    built = cfg.data.built
+    manifest = read_manifest(built)
+    if manifest["trajectory"]["length"] != cfg.model.trajectory_length:
+        raise ValueError(f"{built} holds {manifest['trajectory']['length']}-waypoint trajectories but "
+                         f"model.trajectory_length is {cfg.model.trajectory_length}: rerun the data stage")
+    if manifest["stats"].get("trajectory_std") is None:
+        raise DatasetError(f"{built}: no train sample has a full {manifest['trajectory']['length']}-waypoint future "
+                           f"(episodes shorter than the horizon): lower data.waypoint_stride or raise "
+                           f"env.max_episode_steps, then rerun the data stage")
+    return manifest
+
+
+def _init(cfg: PipelineConfig, dist: Distributed) -> _Training:
+    """Data, model, critic and optimiser; the saved state of a killed run, or the heads' data-driven
+    start; the ego-status baseline and the compiled forward. (The order keeps the RNG streams.)"""
     seed_everything(cfg.seed)
     device = dist.device(resolve_device(cfg.device))
     configure_backends(device)
     o, built = cfg.offline, cfg.data.built
-    manifest = read_manifest(built)
-    step_seconds = manifest["trajectory"]["step_seconds"]
-    stats = manifest["stats"]
-    if manifest["trajectory"]["length"] != cfg.model.trajectory_length:
-        raise ValueError(f"{built} holds {manifest['trajectory']['length']}-waypoint trajectories but "
-                         f"model.trajectory_length is {cfg.model.trajectory_length}: rerun the data stage")
-    if stats.get("trajectory_std") is None:
-        raise DatasetError(f"{built}: no train sample has a full {manifest['trajectory']['length']}-waypoint future "
-                           f"(episodes shorter than the horizon): lower data.waypoint_stride or raise "
-                           f"env.max_episode_steps, then rerun the data stage")
+    manifest = _read_manifest(cfg)
     use_iql = o.iql_weight > 0
-    iql_cfg = iql_config(o)
     train_ds = ShardedDataset(built, "train", shuffle=True, seed=cfg.seed, with_next=use_iql)
     loader = make_loader(train_ds, o.batch_size, cfg.data.num_workers, pin_memory=device.startswith("cuda"),
                          rank=dist.rank, world_size=dist.world_size)
-    scale = torch.as_tensor(np.asarray(stats["trajectory_std"]) + 0.1, dtype=torch.float32, device=device)
+    scale = torch.as_tensor(np.asarray(manifest["stats"]["trajectory_std"]) + 0.1, dtype=torch.float32,
+                            device=device)
 
     model = load_or_init(cfg, upstream=cfg.pretrain.out).to(device)
     critic = IQLCritic(model.config.hidden_dim, model.action_low.cpu(), model.action_high.cpu()).to(device) if use_iql else None
@@ -322,85 +317,96 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
     groups = [{"params": [p for p in params if id(p) in pretrained], "lr": o.learning_rate * o.encoder_lr_scale},
               {"params": [p for p in params if id(p) not in pretrained], "lr": o.learning_rate}]
     optim = make_adamw(groups, lr=o.learning_rate, weight_decay=o.weight_decay, device=device)
-    tokens = TokenCache(model)
-    resume = ResumePoint("offline", fingerprint(cfg.model, cfg.data, cfg.pretrain, o, cfg.seed))
-    start_epoch, history = 0, []
-    if (state := resume.load()) is not None:
-        model.load_state_dict(state["model"])
-        if critic is not None:
-            critic.load_state_dict(state["critic"])
-        optim.load_state_dict(state["optim"])
-        set_rng_state(state["rng"])
-        start_epoch, history = state["epoch"], state["history"]
-        log.info("%s: resuming after epoch %d of %d", "offline", start_epoch, o.epochs)
+    t = _Training(cfg, dist, device, manifest, train_ds, loader, scale, model, critic, params, optim,
+                  TokenCache(model), iql_config(o),
+                  ResumePoint("offline", fingerprint(cfg.model, cfg.data, cfg.pretrain, o, cfg.seed)))
+    state = t.resume.load()
+    if state is not None:
+        restore(state, t.parts())
+        t.start_epoch, t.history = state["epoch"], state["history"]
+        log.info("%s: resuming after epoch %d of %d", "offline", t.start_epoch, o.epochs)
     # The ego-status baseline is trained on the same train split, from the state and command alone.
     train_status = load_split_arrays(built, "train", keys=("trajectories", "traj_valid", "commands", "perturbed",
                                                            "expert_actions", "action_valid"))
     if state is None:
-        if _upstream_stage(cfg.pretrain.out) == "pretrain":    # stage 1 leaves the state encoder untrained
-            fold_state_normalisation(model, train_status.states.mean(0), train_status.states.std(0))
-            model.set_state_normalization(torch.as_tensor(train_status.states.mean(0)),
-                                          torch.as_tensor(train_status.states.std(0)))
-        stats = {**stats, **_action_stats(train_status, model, o.min_log_std)}
-        init_heads(model, critic, stats, iql_cfg.gamma)
+        _init_from_data(t, train_status)
     ok = train_status.traj_valid & ~train_status.perturbed
-    ego_mlp = fit_ego_status_mlp(train_status.states[ok], train_status.commands[ok], train_status.trajectories[ok],
-                                 epochs=o.ego_mlp_epochs, seed=cfg.seed)
-    val = load_split_arrays(built, "val")
-
+    t.ego_mlp = fit_ego_status_mlp(train_status.states[ok], train_status.commands[ok],
+                                   train_status.trajectories[ok], epochs=o.ego_mlp_epochs, seed=cfg.seed)
+    t.val = load_split_arrays(built, "val")
     # Compiled: the model's forward (and so its backward); `model` itself stays plain for saving.
-    forward = maybe_compile(fp32_forward(model), o.compile, device)
+    t.forward = maybe_compile(fp32_forward(model), o.compile, device)
+    return t
 
-    t0 = time.perf_counter()
-    for epoch in range(start_epoch, o.epochs):
-        model.train()
-        train_ds.set_epoch(epoch)
-        sums: dict[str, float] = {}
-        count = 0.0
-        bar = tqdm(loader, desc=f"offline epoch {epoch + 1}/{o.epochs}", unit="batch",
-                   total=len(loader), disable=not dist.is_main)
-        for part in bar:
-            # Every rank walks the same global batches (same seed); its loader built only its own share
-            # of this one, which it trains on in micro-batches; one optimiser step per global batch.
-            n = part.size
-            optim.zero_grad(set_to_none=True)
-            logged = accumulate_gradients(forward, model, critic, to_device(part.share, device), tokens,
-                                          device, scale, o, iql_cfg, dist)
-            # Logged per-epoch means weight each term by its share, so they match one process's.
-            for parts in logged:
-                for k, (v, w) in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v * w * n / dist.world_size
-            if logged:
-                bar.set_postfix(traj_m=f"{logged[-1]['trajectory_l2_m'][0]:.2f}",
-                                nll=f"{logged[-1]['control_nll'][0]:.2f}")
-            dist.average_gradients(params)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optim.step()
-            if critic is not None:
-                critic.update_target(iql_cfg.tau)
-            count += n / dist.world_size
-        totals = dist.sum({**sums, "__count": float(count)})
-        count = round(totals.pop("__count"))
-        sums = totals
-        reports, ranking = evaluate(model, val, {"ego_mlp": ego_mlp}, tokens, device, step_seconds,
-                                    manifest["ego_size"])
-        first = reports.get("sim") or next(iter(reports.values()))
-        history.append({"epoch": epoch + 1, **{f"train_{k}": v / max(count, 1) for k, v in sums.items()},
-                        "val_l2_at_3s": first["model"].get("l2_at_3s"), "val_l2_avg_3s": first["model"].get("l2_avg_3s"),
-                        **ranking})
-        log.info("offline epoch %d: val L2@3s %.3f m (const. velocity %.3f), value AUC %.3f", epoch + 1,
-                 first["model"].get("l2_at_3s", float("nan")), first["const_velocity"].get("l2_at_3s", float("nan")),
-                 ranking["value_auc_clean_vs_perturbed"])
-        state = {"model": model.state_dict(), "optim": optim.state_dict(), "rng": rng_state(),
-                 "epoch": epoch + 1, "history": history}
-        if critic is not None:
-            state["critic"] = critic.state_dict()
-        if dist.is_main:
-            resume.save(state)
 
-    reports, ranking = evaluate(model, val, {"ego_mlp": ego_mlp}, tokens, device, step_seconds, manifest["ego_size"])
-    metrics: dict[str, Any] = {"horizon_seconds": round(cfg.model.trajectory_length * step_seconds, 6), **ranking,
-                               "seconds": round(time.perf_counter() - t0, 2)}
+def _init_from_data(t: _Training, train: SplitArrays) -> None:
+    """A fresh run: the state normalisation folded in (after stage 1) and the heads at the data's means."""
+    if _upstream_stage(t.cfg.pretrain.out) == "pretrain":    # stage 1 leaves the state encoder untrained
+        fold_state_normalisation(t.model, train.states.mean(0), train.states.std(0))
+        t.model.set_state_normalization(torch.as_tensor(train.states.mean(0)), torch.as_tensor(train.states.std(0)))
+    stats = {**t.manifest["stats"], **_action_stats(train, t.model, t.o.min_log_std)}
+    init_heads(t.model, t.critic, stats, t.iql_cfg.gamma)
+
+
+def _train_epoch(t: _Training, epoch: int) -> tuple[dict[str, float], int]:
+    """One pass over the train split; the logged parts' sums over every rank, and the sample count."""
+    o, dist = t.o, t.dist
+    t.model.train()
+    t.train_ds.set_epoch(epoch)
+    sums: dict[str, float] = {}
+    count = 0.0
+    bar = tqdm(t.loader, desc=f"offline epoch {epoch + 1}/{o.epochs}", unit="batch",
+               total=len(t.loader), disable=not dist.is_main)
+    for part in bar:
+        # Every rank walks the same global batches (same seed); its loader built only its own share
+        # of this one, which it trains on in micro-batches; one optimiser step per global batch.
+        n = part.size
+        t.optim.zero_grad(set_to_none=True)
+        logged = accumulate_gradients(t.forward, t.model, t.critic, to_device(part.share, t.device), t.tokens,
+                                      t.device, t.scale, o, t.iql_cfg, dist)
+        # Logged per-epoch means weight each term by its share, so they match one process's.
+        for parts in logged:
+            for k, (v, w) in parts.items():
+                sums[k] = sums.get(k, 0.0) + v * w * n / dist.world_size
+        if logged:
+            bar.set_postfix(traj_m=f"{logged[-1]['trajectory_l2_m'][0]:.2f}",
+                            nll=f"{logged[-1]['control_nll'][0]:.2f}")
+        dist.average_gradients(t.params)
+        torch.nn.utils.clip_grad_norm_(t.params, 1.0)
+        t.optim.step()
+        if t.critic is not None:
+            t.critic.update_target(t.iql_cfg.tau)
+        count += n / dist.world_size
+    totals = dist.sum({**sums, "__count": float(count)})
+    count = round(totals.pop("__count"))
+    return totals, count
+
+
+def _evaluate(t: _Training) -> tuple[dict[str, Any], dict[str, Any]]:
+    return evaluate(t.model, t.val, {"ego_mlp": t.ego_mlp}, t.tokens, t.device,
+                    t.manifest["trajectory"]["step_seconds"], t.manifest["ego_size"])
+
+
+def _end_epoch(t: _Training, epoch: int, sums: dict[str, float], count: int) -> None:
+    """Evaluate, log and record the epoch; save the resume state (rank 0)."""
+    reports, ranking = _evaluate(t)
+    first = reports.get("sim") or next(iter(reports.values()))
+    t.history.append({"epoch": epoch + 1, **{f"train_{k}": v / max(count, 1) for k, v in sums.items()},
+                      "val_l2_at_3s": first["model"].get("l2_at_3s"), "val_l2_avg_3s": first["model"].get("l2_avg_3s"),
+                      **ranking})
+    log.info("offline epoch %d: val L2@3s %.3f m (const. velocity %.3f), value AUC %.3f", epoch + 1,
+             first["model"].get("l2_at_3s", float("nan")), first["const_velocity"].get("l2_at_3s", float("nan")),
+             ranking["value_auc_clean_vs_perturbed"])
+    if t.dist.is_main:
+        t.resume.save(snapshot(t.parts(), epoch=epoch + 1, history=t.history))
+
+
+def _final_metrics(t: _Training, seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The held-out open-loop reports per source and the flat metrics the stage returns."""
+    reports, ranking = _evaluate(t)
+    step_seconds = t.manifest["trajectory"]["step_seconds"]
+    metrics: dict[str, Any] = {"horizon_seconds": round(t.cfg.model.trajectory_length * step_seconds, 6),
+                               **ranking, "seconds": round(seconds, 2)}
     for source, report in reports.items():
         for planner, r in report.items():
             for k, v in r.items():
@@ -417,18 +423,20 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
         # The mean over the horizon, as the first version reported it.
         "val_l2_mean": float(np.mean(m["l2_per_time"])), "const_velocity_l2_mean": float(np.mean(cv["l2_per_time"])),
     })
-    if dist.is_main:  # one writer: DVC's outputs, the metrics and the resume state
-        plot_open_loop(reports, PLOT)
-        save_checkpoint(model.cpu(), o.out, extra={"stage": "offline", "metrics": metrics,
-                                                   "world_size": dist.world_size})
-        if critic is not None:
-            torch.save(critic.cpu().state_dict(), Path(o.out) / "iql_critic.pt")
-        write_json(Path(cfg.metrics_dir) / "offline.json", metrics)
-        write_json(Path(cfg.metrics_dir) / "offline_history.json", history)
-        write_json(Path(cfg.metrics_dir) / "offline_open_loop.json", reports)
-        resume.clear()
-    dist.barrier()
-    return {"paths": {"checkpoint": o.out, "plot": str(PLOT)}, "metrics": metrics}
+    return reports, metrics
+
+
+def _write_outputs(t: _Training, reports: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """The plot, the checkpoint (with the IQL critic), the metrics; then the resume state goes."""
+    o, metrics_dir = t.o, Path(t.cfg.metrics_dir)
+    plot_open_loop(reports, PLOT)
+    critic = {"iql_critic.pt": t.critic.cpu().state_dict()} if t.critic is not None else None
+    save_checkpoint(t.model.cpu(), o.out, extra={"stage": "offline", "metrics": metrics,
+                                                 "world_size": t.dist.world_size}, state_dicts=critic)
+    write_json(metrics_dir / "offline.json", metrics)
+    write_json(metrics_dir / "offline_history.json", t.history)
+    write_json(metrics_dir / "offline_open_loop.json", reports)
+    t.resume.clear()
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,11 +30,12 @@ from tqdm.auto import tqdm
 
 from stages.accel import (Distributed, autocast, capture_rng, configure_backends, distributed, make_adamw,
                           maybe_compile, micro_batches, restore_rng, to_device)
+from stages.checkpoint import restore, snapshot
 from stages.common import resolve_device, seed_everything, stage_main, write_json
 from stages.config import PipelineConfig
 from stages.data.shards import ShardedDataset, load_split_arrays, make_loader
 from stages.resume import ResumePoint, fingerprint
-from stages.training import TokenCache, encoder_parameters, load_or_init, rng_state, save_checkpoint, set_rng_state
+from stages.training import TokenCache, encoder_parameters, load_or_init, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +156,41 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         return _run(cfg, dist)
 
 
+@dataclass
+class _Training:
+    """What the phases of one pretrain run share."""
+    cfg: PipelineConfig
+    dist: Distributed
+    device: str
+    train_ds: ShardedDataset
+    loader: Any
+    val: Any
+    model: Any
+    tokens: TokenCache
+    params: list[torch.nn.Parameter]
+    optim: torch.optim.Optimizer
+    resume: ResumePoint
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    embed: Embed | None = None
+
+
 def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
+    t = _init(cfg, dist)
+    t0 = time.perf_counter()
+    for epoch in range(t.start_epoch, cfg.pretrain.epochs):
+        losses = _train_epoch(t, epoch)
+        _end_epoch(t, epoch, losses)
+    metrics = {k: v for k, v in t.history[-1].items() if k != "epoch"}
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    if dist.is_main:  # one writer: DVC's outputs, the metrics and the resume state
+        _write_outputs(t, metrics)
+    dist.barrier()
+    return {"paths": {"checkpoint": cfg.pretrain.out}, "metrics": metrics}
+
+
+def _init(cfg: PipelineConfig, dist: Distributed) -> _Training:
+    """Data, model and optimiser, the saved state of a killed run, the (compiled) embedding."""
     seed_everything(cfg.seed)
     device = dist.device(resolve_device(cfg.device))
     configure_backends(device)
@@ -166,61 +202,62 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
     val = load_split_arrays(cfg.data.built, "val", sources=sources, keys=("images", "captions"))
 
     model = load_or_init(cfg, upstream=None).to(device)
-    tokens = TokenCache(model)
     params = encoder_parameters(model)
     optim = make_adamw(params, lr=p.learning_rate, weight_decay=p.weight_decay, device=device)
-    resume = ResumePoint("pretrain", fingerprint(cfg.model, cfg.data, p, cfg.seed))
-    start_epoch, history = 0, []
-    if (state := resume.load()) is not None:
-        model.load_state_dict(state["model"])
-        optim.load_state_dict(state["optim"])
-        set_rng_state(state["rng"])
-        start_epoch, history = state["epoch"], state["history"]
-        log.info("%s: resuming after epoch %d of %d", "pretrain", start_epoch, p.epochs)
+    t = _Training(cfg, dist, device, train_ds, loader, val, model, TokenCache(model), params, optim,
+                  ResumePoint("pretrain", fingerprint(cfg.model, cfg.data, p, cfg.seed)))
+    if (state := t.resume.load()) is not None:
+        restore(state, {"model": model, "optim": optim})
+        t.start_epoch, t.history = state["epoch"], state["history"]
+        log.info("%s: resuming after epoch %d of %d", "pretrain", t.start_epoch, p.epochs)
+    t.embed = make_embed(model, device, p.compile)
+    return t
 
-    embed = make_embed(model, device, p.compile)
 
-    t0 = time.perf_counter()
-    for epoch in range(start_epoch, p.epochs):
-        model.train()
-        train_ds.set_epoch(epoch)
-        losses = []
-        bar = tqdm(loader, desc=f"pretrain epoch {epoch + 1}/{p.epochs}", unit="batch",
-                   total=len(loader), disable=not dist.is_main)
-        for part in bar:
-            # Every rank walks the same global batches (same seed) and holds its own share of this one;
-            # the loss sees all of the global batch's captions.
-            if part.size < 2:
-                continue
-            optim.zero_grad(set_to_none=True)
-            loss = contrastive_step(model, embed, to_device(part.share, device), part.captions, tokens, device,
-                                    dist, p.grad_accum_steps)
-            dist.average_gradients(params)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optim.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        # Every rank holds the same weights: each evaluates (no collective), rank 0 writes.
-        recall = evaluate(model, val, tokens, device)
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
-                        "temperature": float(1.0 / model.logit_scale.exp().clamp(max=100.0).item()), **recall})
-        log.info("pretrain epoch %d: loss %.3f, i2t@1 %.3f t2i@1 %.3f (chance %.3f)", epoch + 1, history[-1]["loss"],
-                 recall["i2t_recall@1"], recall["t2i_recall@1"], recall["chance@1"])
-        if dist.is_main:
-            resume.save({"model": model.state_dict(), "optim": optim.state_dict(), "rng": rng_state(),
-                         "epoch": epoch + 1, "history": history})
+def _train_epoch(t: _Training, epoch: int) -> list[float]:
+    """One pass over the train split; the loss of every step."""
+    p, dist = t.cfg.pretrain, t.dist
+    t.model.train()
+    t.train_ds.set_epoch(epoch)
+    losses: list[float] = []
+    bar = tqdm(t.loader, desc=f"pretrain epoch {epoch + 1}/{p.epochs}", unit="batch",
+               total=len(t.loader), disable=not dist.is_main)
+    for part in bar:
+        # Every rank walks the same global batches (same seed) and holds its own share of this one;
+        # the loss sees all of the global batch's captions.
+        if part.size < 2:
+            continue
+        t.optim.zero_grad(set_to_none=True)
+        loss = contrastive_step(t.model, t.embed, to_device(part.share, t.device), part.captions, t.tokens,
+                                t.device, dist, p.grad_accum_steps)
+        dist.average_gradients(t.params)
+        torch.nn.utils.clip_grad_norm_(t.params, 1.0)
+        t.optim.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
 
-    final = history[-1]
-    metrics = {k: v for k, v in final.items() if k != "epoch"}
-    metrics["seconds"] = round(time.perf_counter() - t0, 2)
-    if dist.is_main:  # one writer: DVC's outputs, the metrics and the resume state
-        save_checkpoint(model.cpu(), p.out, extra={"stage": "pretrain", "metrics": metrics,
-                                                   "world_size": dist.world_size})
-        write_json(Path(cfg.metrics_dir) / "pretrain.json", metrics)
-        write_json(Path(cfg.metrics_dir) / "pretrain_history.json", history)
-        resume.clear()
-    dist.barrier()
-    return {"paths": {"checkpoint": p.out}, "metrics": metrics}
+
+def _end_epoch(t: _Training, epoch: int, losses: list[float]) -> None:
+    """Evaluate, log and record the epoch; save the resume state (rank 0).
+
+    Every rank holds the same weights: each evaluates (no collective), rank 0 writes."""
+    recall = evaluate(t.model, t.val, t.tokens, t.device)
+    t.history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
+                      "temperature": float(1.0 / t.model.logit_scale.exp().clamp(max=100.0).item()), **recall})
+    log.info("pretrain epoch %d: loss %.3f, i2t@1 %.3f t2i@1 %.3f (chance %.3f)", epoch + 1, t.history[-1]["loss"],
+             recall["i2t_recall@1"], recall["t2i_recall@1"], recall["chance@1"])
+    if t.dist.is_main:
+        t.resume.save(snapshot({"model": t.model, "optim": t.optim}, epoch=epoch + 1, history=t.history))
+
+
+def _write_outputs(t: _Training, metrics: dict[str, Any]) -> None:
+    """The checkpoint and the metrics; then the resume state goes."""
+    save_checkpoint(t.model.cpu(), t.cfg.pretrain.out, extra={"stage": "pretrain", "metrics": metrics,
+                                                              "world_size": t.dist.world_size})
+    write_json(Path(t.cfg.metrics_dir) / "pretrain.json", metrics)
+    write_json(Path(t.cfg.metrics_dir) / "pretrain_history.json", t.history)
+    t.resume.clear()
 
 
 def main() -> None:

@@ -1,21 +1,21 @@
-"""What the training stages share: building or loading the model, text → token ids, checkpoints."""
+"""What the training stages share: building or loading the model, text → token ids, the model checkpoint.
+
+Resumable state (optimiser, counters, RNG) lives in `stages.checkpoint`."""
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from models import DrivingVLA, DrivingVLAConfig
-from stages.common import staged_dir, write_json
+from models.driving_vla import CheckpointFileError
+from stages.common import StageInputError, staged_dir, write_json
 from stages.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
-TRAINER_STATE = "trainer_state.pt"
 # Parameters of the two encoders and their contrastive projections (what stage 1 trains).
 ENCODER_PREFIXES = ("vision", "text", "image_projection", "text_projection", "logit_scale")
 
@@ -38,10 +38,13 @@ def load_or_init(cfg: PipelineConfig, upstream: str | Path | None) -> DrivingVLA
         path = Path(upstream)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"upstream checkpoint {path} not found: run the previous stage first")
-        model = DrivingVLA.from_pretrained(path)
+        try:
+            model = DrivingVLA.from_pretrained(path)
+        except CheckpointFileError as exc:
+            raise StageInputError(str(exc)) from exc
         want = model_config(cfg)
         if (model.config.image_size, model.config.hidden_dim) != (want.image_size, want.hidden_dim):
-            raise ValueError(f"checkpoint {path} was trained with image_size={model.config.image_size}, "
+            raise StageInputError(f"checkpoint {path} was trained with image_size={model.config.image_size}, "
                              f"hidden_dim={model.config.hidden_dim} but the config asks for "
                              f"{want.image_size}/{want.hidden_dim}: rerun the upstream stages with this config")
         return model
@@ -74,35 +77,13 @@ class TokenCache:
         return trim_padding(torch.stack([self._cache[t] for t in texts])).to(device)
 
 
-def save_checkpoint(model: DrivingVLA, out: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Write the model (and a small JSON of facts about it) atomically into ``out``."""
+def save_checkpoint(model: DrivingVLA, out: str | Path, extra: dict[str, Any] | None = None,
+                    state_dicts: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """Write the model (a small JSON of facts about it, and ``state_dicts``: file name -> tensors, e.g.
+    a critic's) into ``out``, all of it or nothing."""
     with staged_dir(out) as tmp:
         model.save_pretrained(tmp)
         if extra:
             write_json(tmp / "training.json", extra)
-
-
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-def save_trainer_state(path: str | Path, state: dict[str, Any]) -> None:
-    """Resumable state (optimiser, counters, RNG) written atomically next to the outputs."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
-def load_trainer_state(path: str | Path) -> dict[str, Any] | None:
-    path = Path(path)
-    if not path.exists():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+        for name, tensors in (state_dicts or {}).items():
+            torch.save(tensors, tmp / name)

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from infra.files import atomic_write_bytes
 from stages.common import write_json
 
 log = logging.getLogger(__name__)
@@ -48,15 +49,31 @@ class BestPolicyKeeper:
     def start(self) -> None:
         """Before training (the model holds its starting weights): take over the best of an interrupted
         run with the same key, or score the starting weights as step 0."""
-        if self.info_path.is_file() and self.weights_path.is_file():
-            info = json.loads(self.info_path.read_text())
-            if info.get("key") == self.key:
-                self.best_score, self.best_step = float(info["score"]), int(info["step"])
-                self.history = list(info.get("history", []))
-                log.info("best policy so far: score %.3f at step %d (from %s)", self.best_score, self.best_step,
-                         self.info_path)
-                return
+        info = self._saved_best()
+        if info is not None:
+            self.best_score, self.best_step = float(info["score"]), int(info["step"])
+            self.history = list(info.get("history", []))
+            log.info("best policy so far: score %.3f at step %d (from %s)", self.best_score, self.best_step,
+                     self.info_path)
+            return
         self._score(0)
+
+    def _saved_best(self) -> dict[str, Any] | None:
+        """What an interrupted run with this key kept, or None; unreadable files are ignored with a warning
+        (the run scores its starting weights afresh and overwrites them)."""
+        if not (self.info_path.is_file() and self.weights_path.is_file()):
+            return None
+        try:
+            info = json.loads(self.info_path.read_text())
+            if info.get("key") != self.key:
+                return None
+            float(info["score"]), int(info["step"])
+            load_file(str(self.weights_path))
+        except Exception as exc:  # noqa: BLE001 - json, safetensors and a missing key fail in their own ways
+            log.warning("%s / %s of an earlier run are unreadable (%s: %s): scoring the starting weights afresh",
+                        self.info_path, self.weights_path, type(exc).__name__, str(exc)[:200])
+            return None
+        return info
 
     def __call__(self, stats: dict[str, float]) -> Any:
         self._calls += 1
@@ -69,10 +86,8 @@ class BestPolicyKeeper:
         self.history.append({"step": step, "score": score})
         if score > self.best_score:
             self.best_score, self.best_step = score, step
-            self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.weights_path.with_suffix(".tmp")
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, str(tmp))
-            tmp.replace(self.weights_path)
+            atomic_write_bytes(self.weights_path, save({k: v.detach().cpu().contiguous()
+                                                        for k, v in self.model.state_dict().items()}))
             log.info("validation score %.3f at step %d: the best so far", score, step)
         else:
             log.info("validation score %.3f at step %d (best %.3f at step %d)", score, step,

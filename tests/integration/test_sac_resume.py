@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from stages.checkpoint import read_state
 from tests.integration.helpers import kill_when, pendulum_return
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,7 +58,7 @@ def _start(save_dir: Path) -> subprocess.Popen:
 
 
 def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)["state"]
+    return read_state(path)  # plain data: read without unpickling code
 
 
 def _evaluate(state: dict, seeds=range(100, 104)) -> float:

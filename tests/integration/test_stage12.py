@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stages.checkpoint import read_state
 from tests.integration.helpers import ROOT, venv_env
 
 SMALL = ["env.max_episode_steps=45", "data.episodes=4"]
@@ -54,7 +56,7 @@ def _kill_after_first_epoch(stage: str, work: Path, extra: list[str]) -> int:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    saved = torch.load(resume, map_location="cpu", weights_only=False)["epoch"]
+    saved = read_state(resume)["epoch"]
     assert 1 <= saved, saved
     return saved
 
@@ -67,7 +69,7 @@ def test_stage_resumes_from_its_last_saved_epoch(workdir, stage, epochs):
     saved = _kill_after_first_epoch(stage, workdir, extra)
     if saved >= epochs:
         pytest.fail(f"{stage} finished all {epochs} epochs before it could be killed; raise the epoch count")
-    before = torch.load(workdir / "runs" / stage / "resume.pt", map_location="cpu", weights_only=False)["history"]
+    before = read_state(workdir / "runs" / stage / "resume.pt")["history"]
     proc = subprocess.run(_cmd(stage, extra), cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming after epoch {saved} of {epochs}" in proc.stderr
@@ -79,3 +81,61 @@ def test_stage_resumes_from_its_last_saved_epoch(workdir, stage, epochs):
     assert ran == list(range(saved + 1, epochs + 1))
     assert not (workdir / "runs" / stage / "resume.pt").exists()
     assert (workdir / "checkpoints" / stage / "model.safetensors").exists()
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.write_text, (self.marker, "code ran")
+
+
+@pytest.mark.parametrize("content", ["garbage", "pickled code"])
+def test_a_corrupt_resume_state_is_moved_aside_and_the_stage_runs_from_scratch(workdir, tmp_path, content):
+    """``runs/pretrain/resume.pt`` unreadable (garbage bytes) or holding a pickled object that would
+    run code: the stage warns, keeps the file as ``resume.pt.corrupt``, runs from epoch 1 and finishes."""
+    work = tmp_path / "work"
+    shutil.copytree(workdir / "data", work / "data")
+    resume = work / "runs" / "pretrain" / "resume.pt"
+    resume.parent.mkdir(parents=True)
+    marker = tmp_path / "marker"
+    if content == "garbage":
+        resume.write_bytes(b"\x00\x17not a torch file" * 50)
+    else:
+        torch.save({"format": 2, "key": None, "state": {"epoch": 1, "x": _RunsCode(marker)}}, resume)
+    proc = subprocess.run(_cmd("pretrain", ["pretrain.epochs=1"]), cwd=work, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "runs/pretrain/resume.pt" in proc.stderr and "moved it to runs/pretrain/resume.pt.corrupt" in proc.stderr
+    assert (work / "runs" / "pretrain" / "resume.pt.corrupt").is_file() and not resume.exists()
+    assert not marker.exists()
+    assert re.findall(r"pretrain epoch (\d+): ", proc.stderr) == ["1"]
+    assert (work / "checkpoints" / "pretrain" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_corrupt_upstream_checkpoint_stops_the_stage_with_the_file_named(workdir, tmp_path, damage):
+    """The offline stage on a damaged ``checkpoints/pretrain/model.safetensors``: exit 1, one line naming
+    the file and how to get it back, no traceback; the previous offline checkpoint is left as it was."""
+    work = tmp_path / "work"
+    shutil.copytree(workdir / "data", work / "data")
+    from models import DrivingVLA
+    from stages.config import build_config
+    from stages.training import model_config
+
+    DrivingVLA(model_config(build_config(preset="smoke", overrides=SMALL))).save_pretrained(
+        work / "checkpoints" / "pretrain")
+    weights = work / "checkpoints" / "pretrain" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000] if damage == "truncated" else b"garbage" * 100)
+    earlier = work / "checkpoints" / "offline"
+    earlier.mkdir(parents=True)
+    (earlier / "model.safetensors").write_bytes(b"the previous offline output")
+    proc = subprocess.run(_cmd("offline", ["offline.epochs=1"]), cwd=work, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and str(weights.relative_to(work)) in error
+    assert "re-run the stage" in error and "dvc checkout" in error
+    assert (earlier / "model.safetensors").read_bytes() == b"the previous offline output"

@@ -265,6 +265,40 @@ def test_from_pretrained_names_missing_file(tmp_path: Path, tiny: DrivingVLA, mi
         DrivingVLA.from_pretrained(tmp_path)
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"\x00garbage, not what was saved" * 30)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garbage], ids=["truncated", "garbage"])
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_from_pretrained_names_a_corrupt_file_and_how_to_get_it_back(tmp_path: Path, tiny: DrivingVLA,
+                                                                      name: str, damage) -> None:
+    from models.driving_vla import CheckpointFileError
+
+    tiny.save_pretrained(tmp_path)
+    damage(tmp_path / name)
+    with pytest.raises(CheckpointFileError) as err:
+        DrivingVLA.from_pretrained(tmp_path)
+    message = str(err.value)
+    assert str(tmp_path / name) in message
+    assert "re-run the stage" in message and "dvc checkout" in message and "dvc pull" in message
+
+
+def test_from_pretrained_names_weights_of_another_model(tmp_path: Path, tiny: DrivingVLA) -> None:
+    from models.driving_vla import CheckpointFileError
+
+    tiny.save_pretrained(tmp_path)
+    other = DrivingVLA(DrivingVLAConfig.from_size("tiny", trajectory_length=tiny.config.trajectory_length + 1))
+    other.save_pretrained(tmp_path / "other")
+    (tmp_path / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointFileError, match="model.safetensors is truncated, corrupt or of another model"):
+        DrivingVLA.from_pretrained(tmp_path)
+
+
 # ---------------------------------------------------------------- export
 
 

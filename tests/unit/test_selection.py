@@ -1,6 +1,9 @@
 """The online stage's best-policy keeper and the policy log-std reset."""
 from __future__ import annotations
 
+import logging
+
+import pytest
 import torch
 
 from models import DrivingVLA, DrivingVLAConfig
@@ -39,6 +42,22 @@ def test_keeper_ends_with_the_best_scored_weights_and_a_resumed_run_keeps_them(t
     fresh = BestPolicyKeeper(MLPActorCritic(4, [-1, -1], [1, 1]), lambda: 0.1, tmp_path, key="other")
     fresh.start()
     assert fresh.best_score == 0.1 and fresh.best_step == 0
+
+
+@pytest.mark.parametrize("damaged", ["best.safetensors", "best.json"])
+def test_a_resumed_keeper_with_unreadable_best_files_scores_afresh(tmp_path, caplog, damaged):
+    keeper = BestPolicyKeeper(MLPActorCritic(4, [-1, -1], [1, 1]), lambda: 0.9, tmp_path, key="k")
+    keeper.start()
+    path = tmp_path / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated by a crash or a full disk
+    model = MLPActorCritic(4, [-1, -1], [1, 1])
+    resumed = BestPolicyKeeper(model, lambda: 0.3, tmp_path, key="k")
+    with caplog.at_level(logging.WARNING, logger="stages.rl.selection"):
+        resumed.start()
+    assert str(path) in caplog.text and "scoring the starting weights afresh" in caplog.text
+    assert resumed.best_score == 0.3 and resumed.best_step == 0
+    start = _weights(model).clone()
+    assert resumed.restore()["best_score"] == 0.3 and torch.equal(_weights(model), start)  # files rewritten
 
 
 def test_keeper_scores_every_nth_callback_and_chains_the_next_one(tmp_path):
