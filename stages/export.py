@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from models.driving_vla import DrivingVLA
+from infra.files import sha256_file
+from models.driving_vla import CheckpointFileError, DrivingVLA
 from models.export_wrapper import INPUT_NAMES, OUTPUT_NAMES, DeterministicPolicy, io_spec, random_inputs
 from stages import export_latency
-from stages.common import seed_everything, stage_main, staged_dir, write_json
+from stages.common import StageInputError, seed_everything, stage_main, staged_dir, write_json
 from stages.export_parity import (
     ParityError,
     artifact_runners,
@@ -40,7 +41,6 @@ from stages.export_parity import (
     heldout_inputs,
     parity_cases,
 )
-from infra.files import sha256_file
 from stages.model_card import build_card, config_hash, data_version, model_version, render_markdown, training_stages
 
 if TYPE_CHECKING:  # only for annotations: the benchmark imports the exporters without the config stack
@@ -202,7 +202,10 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     src = Path(cfg.online.out)
     if not (src / "config.json").exists():
         raise FileNotFoundError(f"checkpoint {src} not found: run the online stage first")
-    model = DrivingVLA.from_pretrained(src).eval()
+    try:
+        model = DrivingVLA.from_pretrained(src).eval()
+    except CheckpointFileError as exc:
+        raise StageInputError(str(exc)) from None
     policy = DeterministicPolicy(model).eval()
     heldout, heldout_note = heldout_inputs(model, cfg.data.out, s.heldout_samples)
     if heldout is None:

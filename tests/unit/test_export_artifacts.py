@@ -212,3 +212,18 @@ def test_predict_bad_input_exits_non_zero_with_a_clear_message(exported, tmp_pat
     result = CliRunner().invoke(app, [x for kv in args.items() for x in kv])
     assert result.exit_code == 2
     assert re.search(message, result.output), result.output
+
+
+def test_export_of_a_corrupt_checkpoint_names_the_file_and_exits_1(tmp_path):
+    """A truncated model.safetensors in the online checkpoint: the export stage stops with exit 1 and a
+    message naming the file (no traceback), and writes no exports."""
+    src = tmp_path / "checkpoints" / "online"
+    DrivingVLA(DrivingVLAConfig.from_size("tiny", image_size=32)).save_pretrained(src)
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    proc = subprocess.run([sys.executable, "-m", "stages.export", "--preset", "smoke", "--params", "none.yaml",
+                           "--set", f"online.out={src}", "--set", f"export.out={tmp_path / 'exports'}"],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "model.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "exports").exists()
