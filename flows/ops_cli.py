@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from infra.registry import DEFAULT_MODEL, PromotionThresholds
+from tasks.registry_tasks import DEFAULT_MODEL, MissingPackage, PromotionThresholds, RegistryError, S3Error
 
 ops_app = typer.Typer(help="Serve deployments, promote and roll back models.", no_args_is_help=True,
                       add_completion=False, pretty_exceptions_enable=False)
@@ -48,9 +48,6 @@ def promote(workdir: Annotated[str, typer.Option(help="the DVC workspace holding
             min_score_delta: Annotated[Optional[float], typer.Option(help="override min_driving_score_delta")] = None,
             max_parity_error: Annotated[Optional[float], typer.Option(help="override max_parity_error")] = None) -> None:
     """Promote the workspace's candidate if it beats production (exit 3 when rejected), or --rollback."""
-    from infra.registry import RegistryError
-    from infra.s3 import S3Error
-
     try:
         if rollback:
             from flows.promote import rollback as rollback_flow
@@ -61,10 +58,13 @@ def promote(workdir: Annotated[str, typer.Option(help="the DVC workspace holding
 
             overrides = {k: v for k, v in {"min_driving_score_delta": min_score_delta,
                                            "max_parity_error": max_parity_error}.items() if v is not None}
-            thresholds = PromotionThresholds(**overrides)
+            try:
+                thresholds = PromotionThresholds(**overrides)
+            except ValueError as exc:
+                _fail(f"invalid promotion threshold: {exc}", 2)
             result = promote_flow(workdir=workdir, model=model, bucket=bucket, thresholds=thresholds,
                                   endpoint_url=endpoint_url)
-    except (S3Error, RegistryError) as exc:
+    except (S3Error, RegistryError, MissingPackage) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(result, indent=2, default=str))
     if not rollback and not result.get("promoted"):

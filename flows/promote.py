@@ -1,13 +1,15 @@
 """Gated promotion of a candidate model, and rollback.
 
-``promote``: compare the candidate's evaluation metrics and export parity with production's (the
-thresholds are :class:`infra.registry.PromotionThresholds`); if it passes, commit the lineage
+``promote``: refuse outputs that differ from ``dvc.lock`` (edited by hand); compare the candidate's
+evaluation metrics and export parity with production's (the thresholds are
+:class:`infra.promotion.PromotionThresholds`, the config's ``promote:`` section); if it passes, commit the lineage
 (``dvc.lock``, params, metrics), register the commit as a GTO version, upload the exported files and
 the model card to ``s3://<bucket>/<model>/<version>/``, move the ``prod`` pointer (the last S3 write),
 then assign the GTO ``prod`` stage. A rejected candidate leaves production untouched and says why.
 
 Failure anywhere before the pointer moves leaves production on the old version (the uploaded files
-of the new one are unreferenced, and a retry reuses its version and overwrites them). If the GTO
+of the new one are unreferenced, and a retry reuses its version and completes them). A version that
+is already published is never rewritten: publishing it again with other content fails. If the GTO
 assignment fails after the pointer moved, the pointer is put back, so S3 and git agree.
 
 ``rollback``: point production at the version before the current one (S3 pointer and GTO stage).
@@ -20,10 +22,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from infra.registry import DEFAULT_MODEL, PromotionThresholds, judge
-from tasks.registry_tasks import (assign_prod, build_card, move_prod_pointer, read_candidate, read_pointer,
-                                  read_production, register_candidate, restore_prod_pointer,
-                                  rollback_prod_pointer, s3_preflight, upload_version)
+from tasks.registry_tasks import (DEFAULT_MODEL, PromotionThresholds, RegistryError, assign_prod, build_card, judge,
+                                  move_prod_pointer, read_candidate, read_pointer, read_production,
+                                  register_candidate, restore_prod_pointer, rollback_prod_pointer, s3_preflight,
+                                  upload_version, verify_outputs)
 
 __all__ = ["promote", "rollback", "PromotionThresholds"]
 
@@ -33,10 +35,7 @@ def thresholds_from_config(workdir: str) -> PromotionThresholds:
     from stages.config import load_config
 
     section = getattr(load_config(Path(workdir) / "params.yaml"), "promote", None)
-    if section is None:
-        return PromotionThresholds()
-    values = section.model_dump() if hasattr(section, "model_dump") else dict(section)
-    return PromotionThresholds(**{k: v for k, v in values.items() if k in PromotionThresholds.model_fields})
+    return section if isinstance(section, PromotionThresholds) else PromotionThresholds()
 
 
 def _decision_markdown(model: str, decision: Any, candidate: dict[str, Any], production: dict[str, Any] | None,
@@ -62,6 +61,8 @@ def promote(workdir: str = ".", model: str = DEFAULT_MODEL, bucket: str | None =
     """
     logger = get_run_logger()
     thresholds = thresholds or thresholds_from_config(workdir)
+    # What is published must be what the pipeline made: hand-edited outputs promote nothing.
+    verify_outputs(workdir)
     # Reach S3 before anything is registered: a wrong endpoint or key must promote nothing.
     bucket = s3_preflight(bucket, model, endpoint_url)
     candidate = read_candidate(workdir)
@@ -80,6 +81,10 @@ def promote(workdir: str = ".", model: str = DEFAULT_MODEL, bucket: str | None =
 
     reg = register_candidate(workdir, model)
     version = reg["version"]
+    if version == result["production_before"]:
+        raise RegistryError(f"the candidate's commit {reg['commit'][:8]} is already {model}@{version}, the production "
+                            "version: nothing new to promote. Re-run the pipeline on new data or code to make a "
+                            "new candidate")
     card = build_card(workdir, model, candidate, decision.to_dict(), production)
     manifest = upload_version(workdir, version, card, bucket, model, endpoint_url)
     previous = read_pointer(bucket, model, endpoint_url)

@@ -20,10 +20,9 @@ from prefect import flow, get_run_logger
 
 from flows.pipeline import SimBackend, pipeline
 from flows.promote import promote
-from infra.registry import DEFAULT_MODEL, PromotionThresholds
 from stages.config import OnlineParams, PresetName
 from tasks.dvc_tasks import dvc_pull, dvc_push
-from tasks.registry_tasks import download_production
+from tasks.registry_tasks import DEFAULT_MODEL, PromotionThresholds, download_production
 
 PRODUCTION_CHECKPOINTS = Path("checkpoints") / "production"
 # The config field the online stage would start from (proposed; see docs/orchestration.md).

@@ -11,9 +11,12 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
+from types import ModuleType
 from typing import Any, Iterator, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from infra.packages import require_package
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +88,16 @@ def bucket_from_env(bucket: str | None = None, env: Mapping[str, str] | None = N
     return bucket
 
 
+def boto_exceptions() -> ModuleType:
+    """``botocore.exceptions``, or :class:`infra.packages.MissingPackage` naming the ``s3`` extra."""
+    return require_package("botocore.exceptions", "s3", "talking to S3")
+
+
 def make_client(settings: S3Settings | None = None):
     """A boto3 S3 client for ``settings`` (default: from the environment)."""
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import ProfileNotFound
+    boto3 = require_package("boto3", "s3", "publishing models to S3")
+    Config = require_package("botocore.config", "s3", "publishing models to S3").Config
+    ProfileNotFound = boto_exceptions().ProfileNotFound
 
     settings = settings or S3Settings.from_env()
     try:
@@ -112,8 +120,9 @@ def make_client(settings: S3Settings | None = None):
 
 def translate(exc: BaseException, where: str, bucket: str | None = None, action: str = "access") -> S3Error:
     """Turn a botocore exception into an :class:`S3Error` whose message says what to check."""
-    from botocore.exceptions import (ClientError, ConnectionError as BotoConnectionError,
-                                     NoCredentialsError, PartialCredentialsError)
+    errors = boto_exceptions()
+    ClientError, BotoConnectionError = errors.ClientError, errors.ConnectionError
+    NoCredentialsError, PartialCredentialsError = errors.NoCredentialsError, errors.PartialCredentialsError
 
     target = f"s3://{bucket}" if bucket else "S3"
     if isinstance(exc, S3Error):
@@ -141,11 +150,10 @@ def translate(exc: BaseException, where: str, bucket: str | None = None, action:
 @contextmanager
 def s3_errors(where: str, bucket: str | None = None, action: str = "access") -> Iterator[None]:
     """Re-raise botocore failures inside the block as :class:`S3Error` with a useful message."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
+    errors = boto_exceptions()
     try:
         yield
-    except (BotoCoreError, ClientError) as exc:
+    except (errors.BotoCoreError, errors.ClientError) as exc:
         raise translate(exc, where, bucket, action) from exc
 
 

@@ -199,15 +199,9 @@ class EvaluateParams(_Strict):
         return self
 
 
-class PromoteParams(_Strict):
-    """When a candidate may replace the production model (flows/promote.py)."""
-
-    score_metric: str = "driving_score"
-    min_driving_score_delta: float = Field(0.01, description="the candidate must beat production by this much")
-    max_drop: dict[str, float] = {"route_completion": 0.05}
-    max_rise: dict[str, float] = {"collisions_per_km": 0.5}
-    parity_metric: str = "onnx_max_abs_error"
-    max_parity_error: float = Field(1e-4, gt=0)
+# When a candidate may replace the production model (flows/promote.py). One type for the config and the
+# promotion flow: infra owns it (stages may import infra; infra may not import stages).
+from infra.promotion import PromotionThresholds as PromoteParams  # noqa: E402
 
 
 class CarlaParams(CarlaServerConfig):

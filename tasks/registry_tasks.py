@@ -1,5 +1,9 @@
-"""Prefect tasks around the model registry (``infra/registry.py``): read the candidate and production,
-register a version (GTO), upload it to S3, move the ``prod`` pointer, assign the GTO stage, roll back.
+"""Prefect tasks around the model registry (``infra/registry.py``): check the candidate's outputs
+against ``dvc.lock``, read the candidate and production, register a version (GTO), upload it to S3,
+move the ``prod`` pointer, assign the GTO stage, roll back.
+
+Flows reach the registry through this module only (flows → tasks → infra): the names they need —
+the thresholds, the decision, the errors — are re-exported here.
 
 Retries are set on the S3 steps only: they are idempotent (per-version keys, one pointer object) and
 fail for transient reasons. Git/GTO steps are local and deterministic, so a retry would only repeat
@@ -7,16 +11,26 @@ the same failure.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import get_run_logger, task
 
-from infra.registry import (DEFAULT_MODEL, ModelStore, Pointer, RegistryError, assign_stage, collect_files,
-                            commit_lineage, model_card_markdown, register_version, stage_version)
-from infra.s3 import S3Settings, S3Unreachable, bucket_from_env, check_bucket, make_client
-from tasks.dvc_tasks import lineage
+from infra.packages import MissingPackage
+from infra.registry import (DEFAULT_MODEL, Decision, ModelStore, Pointer, PromotionThresholds, RegistryError,
+                            assign_stage, collect_files, commit_lineage, judge, model_card_markdown,
+                            register_version, stage_outputs_in_git, stage_version)
+from infra.s3 import S3Error, S3Settings, S3Unreachable, bucket_from_env, check_bucket, make_client
+from tasks.dvc_tasks import dvc_lock, lineage
+
+__all__ = ["DEFAULT_MODEL", "PromotionThresholds", "Decision", "judge", "RegistryError", "S3Error",
+           "MissingPackage", "ModifiedOutputs", "modified_outputs", "verify_outputs", "s3_preflight",
+           "read_candidate", "read_production", "register_candidate", "upload_version", "move_prod_pointer",
+           "restore_prod_pointer", "read_pointer", "assign_prod", "rollback_prod_pointer",
+           "download_production", "build_card", "gto_prod_version"]
 
 EVALUATE_METRICS = Path("metrics") / "evaluate.json"
 EXPORT_METRICS = Path("metrics") / "export.json"
@@ -46,6 +60,78 @@ def s3_preflight(bucket: str | None = None, model: str = DEFAULT_MODEL, endpoint
     store = open_store(bucket, model, endpoint_url)
     check_bucket(store.client, store.bucket, store.where)
     return store.bucket
+
+
+# ------------------------------------------------------------------ the candidate matches dvc.lock
+
+
+class ModifiedOutputs(RegistryError):
+    """A stage output differs from what ``dvc.lock`` recorded (edited by hand, or deleted)."""
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files_in_dir_out(root: Path, out: str) -> list[str]:
+    """The files of a directory output that differ from DVC's listing of it (the ``.dir`` object in the
+    cache), to name them; the directory itself when the listing is not in the cache."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+    md5 = next((o.get("md5", "") for stage in (lock.get("stages") or {}).values()
+                for o in stage.get("outs", []) if o.get("path") == out), "")
+    listing = root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    if not md5.endswith(".dir") or not listing.is_file():
+        return [out]
+    recorded = {e["relpath"]: e["md5"] for e in json.loads(listing.read_text())}
+    present = {p.relative_to(root / out).as_posix() for p in (root / out).rglob("*") if p.is_file()}
+    changed = sorted(n for n in recorded.keys() | present
+                     if n not in present or n not in recorded or _md5(root / out / n) != recorded[n])
+    return [f"{out}/{n}" for n in changed] or [out]
+
+
+def modified_outputs(workdir: str | Path) -> dict[str, str]:
+    """``{path: "modified" | "deleted"}`` for every stage output whose hash differs from ``dvc.lock``,
+    as DVC computes it (``dvc status``). Outputs only: a stale dependency is the pipeline's business."""
+    from dvc.repo import Repo
+
+    root = Path(workdir).resolve()
+    if not (root / "dvc.lock").exists():
+        raise RegistryError(f"{root}/dvc.lock not found: run the pipeline before promoting")
+    with dvc_lock(root):
+        with Repo(str(root)) as repo:
+            status = repo.status()
+    changed: dict[str, str] = {}
+    for changes in status.values():
+        for change in changes:
+            if not isinstance(change, dict):
+                continue
+            for out, state in (change.get("changed outs") or {}).items():
+                if state in ("modified", "deleted"):
+                    names = _files_in_dir_out(root, out) if (root / out).is_dir() else [out]
+                    changed.update({name: state for name in names})
+    return changed
+
+
+@task(name="verify-outputs")
+def verify_outputs(workdir: str) -> None:
+    """Refuse to promote outputs (metrics, exports, checkpoints) that do not match ``dvc.lock``: what
+    would be published would not be what the pipeline made."""
+    changed = modified_outputs(workdir)
+    if changed:
+        in_git = stage_outputs_in_git(Path(workdir))
+        listed = ", ".join(f"{path} ({state})" for path, state in sorted(changed.items())[:8])
+        restore = [f"`git checkout -- {p}`" for p in sorted(changed) if p in in_git]
+        restore += ["`dvc checkout`"] if any(p not in in_git for p in changed) else []
+        raise ModifiedOutputs(f"{listed} in {workdir} differ from what dvc.lock recorded: promotion publishes only "
+                              f"what the pipeline made. Restore them ({' and '.join(restore)}), or re-run the "
+                              "pipeline (`dvc repro`) so dvc.lock records them, then promote again")
+
+
+# ------------------------------------------------------------------ reading, registering, publishing
 
 
 @task(name="read-candidate")

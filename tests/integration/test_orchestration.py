@@ -5,7 +5,8 @@ The smoke pipeline through DVC takes about a minute, so one repository is built 
 the tests below use it in file order, each leaving it in a state the next one describes:
 first run → no-change re-run → params change → push/pull through S3 → served deployments (pipeline run,
 retrain schedule, retrain promoting a better and rejecting a worse candidate) → failure before the
-pointer moves, then retry → rollback → S3 unreachable / wrong credentials.
+pointer moves, then retry → rollback → hand-edited metrics refused → upload failing mid-promotion, then
+retry → S3 unreachable / wrong credentials.
 """
 from __future__ import annotations
 
@@ -378,6 +379,57 @@ def test_rollback_returns_to_the_previous_version(repo, store):
     assert json.loads(out.stdout)["to"] == previous
     assert store.production_version() == previous != current
     assert stage_version(repo, MODEL) == previous
+
+
+def test_hand_edited_metrics_are_refused_and_production_record_kept(repo, store):
+    from flows.promote import promote
+    from tasks.registry_tasks import ModifiedOutputs
+
+    sh(["git", "commit", "-q", "--allow-empty", "-m", "a candidate with edited metrics"], repo)
+    live = store.production_version()
+    record = store.card(live)
+    tags = sh(["git", "tag"], repo).stdout
+    path = repo / "metrics" / "evaluate.json"
+    original = path.read_text()
+    path.write_text(json.dumps(dict(json.loads(original), driving_score=0.99)))
+    try:
+        with pytest.raises(ModifiedOutputs, match=r"metrics/evaluate.json \(modified\).*git checkout -- metrics/evaluate.json"):
+            promote(workdir=str(repo), thresholds=PromotionThresholds(min_driving_score_delta=-1.0))
+    finally:
+        path.write_text(original)
+    assert store.production_version() == live and store.card(live) == record
+    assert stage_version(repo, MODEL) == live
+    assert sh(["git", "tag"], repo).stdout == tags, "nothing was registered"
+
+
+def test_failed_upload_mid_promotion_keeps_production_then_retry_succeeds(repo, store, monkeypatch):
+    from flows.promote import promote
+    from infra.model_store import ModelStore as Store
+    from infra.s3 import S3Error
+
+    before, history = store.production_version(), store.pointer().history
+    sh(["git", "commit", "-q", "--allow-empty", "-m", "a candidate whose upload fails"], repo)
+    real = Store._upload_file
+
+    def dies_on_onnx(self, path, key):
+        if key.endswith("policy.onnx"):
+            raise S3Unreachable(f"cannot upload to s3://{self.bucket}: injected connection loss mid-upload")
+        return real(self, path, key)
+
+    monkeypatch.setattr(Store, "_upload_file", dies_on_onnx)
+    permissive = PromotionThresholds(min_driving_score_delta=-1.0)
+    with pytest.raises(S3Error, match="injected connection loss"):
+        promote(workdir=str(repo), thresholds=permissive)
+    assert store.production_version() == before and store.pointer().history == history
+    assert stage_version(repo, MODEL) == before
+    head = sh(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    attempted = next(v for v, sha in registered_versions(repo, MODEL).items() if sha == head)
+    assert store.manifest(attempted) is None, "the half-uploaded version has no manifest"
+
+    monkeypatch.undo()
+    result = promote(workdir=str(repo), thresholds=permissive)
+    assert result["promoted"] and result["version"] == attempted
+    assert store.production_version() == attempted == stage_version(repo, MODEL)
 
 
 def test_s3_unreachable_or_wrong_credentials_promote_nothing(repo, store, monkeypatch, s3):

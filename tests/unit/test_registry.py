@@ -290,3 +290,261 @@ def test_ops_commands_mount_on_a_parent_app():
     out = runner.invoke(parent, ["--help"]).output
     assert "serve" in out and "promote" in out
     assert "--rollback" in runner.invoke(parent, ["promote", "--help"]).output
+
+
+# ------------------------------------------------------------------ thresholds: one type, finite numbers
+
+
+@pytest.mark.parametrize("key, value", [("min_driving_score_delta", float("nan")), ("max_parity_error", "nan"),
+                                        ("min_driving_score_delta", float("inf")),
+                                        ("max_drop", {"route_completion": float("nan")}),
+                                        ("max_rise", {"collisions_per_km": float("-inf")})])
+def test_thresholds_reject_non_finite_numbers(key, value):
+    with pytest.raises(ValueError, match="not a finite number") as err:
+        PromotionThresholds(**{key: value})
+    assert key in str(err.value)
+
+
+def test_config_promote_section_is_the_thresholds_type_and_rejects_nan():
+    from stages.config import ConfigError, PipelineConfig, PromoteParams, build_config
+
+    assert PromoteParams is PromotionThresholds
+    assert PipelineConfig.model_fields["promote"].annotation is PromotionThresholds
+    assert build_config(overrides=["promote.min_driving_score_delta=0.02"]).promote.min_driving_score_delta == 0.02
+    for override in ("promote.min_driving_score_delta=.nan", "promote.max_parity_error=nan",
+                     "promote.max_drop.route_completion=.nan"):
+        with pytest.raises(ConfigError, match="not a finite number") as err:
+            build_config(overrides=[override])
+        assert "promote." in str(err.value)
+
+
+def test_promote_command_rejects_a_nan_threshold():
+    from typer.testing import CliRunner
+
+    from flows.ops_cli import ops_app
+
+    out = CliRunner().invoke(ops_app, ["promote", "--min-score-delta", "nan"])
+    assert out.exit_code == 2 and "not a finite number" in out.output
+
+
+# ------------------------------------------------------------------ a published version is immutable
+
+
+def test_published_version_is_never_rewritten(store, exports):
+    live = {"metrics": dict(GOOD, driving_score=0.6666), "lineage": {"git_commit": "a" * 40}}
+    store.upload_version("v0.1.0", files_of(exports), live)
+    store.move_pointer("v0.1.0")
+    manifest_before = store.manifest("v0.1.0")
+    # The same version again with hand-edited metrics: refused, the live record untouched.
+    edited = {"metrics": dict(GOOD, driving_score=0.99), "lineage": live["lineage"]}
+    with pytest.raises(RegistryError, match=r"already published with different content \(registry.json:metrics\)"):
+        store.upload_version("v0.1.0", files_of(exports), edited)
+    # ... or with other files.
+    (exports / "policy.onnx").write_bytes(os.urandom(4096))
+    with pytest.raises(RegistryError, match=r"different content \(policy.onnx\).*immutable"):
+        store.upload_version("v0.1.0", files_of(exports), live)
+    assert store.card("v0.1.0")["metrics"]["driving_score"] == 0.6666
+    assert store.manifest("v0.1.0") == manifest_before
+    assert store.production_version() == "v0.1.0"
+
+
+def test_publishing_the_same_version_again_unchanged_is_a_no_op(store, exports):
+    card = {"metrics": GOOD, "lineage": {"git_commit": "b" * 40}}
+    first = store.upload_version("v0.1.0", files_of(exports), card)
+    assert store.upload_version("v0.1.0", files_of(exports), dict(card, replaces="v0.0.9")) == first
+
+
+# ------------------------------------------------------------------ names from the bucket are not paths yet
+
+
+def _hostile_manifest(store: ModelStore, version: str, names: list[str], exports: Path) -> None:
+    """Publish a good version, then add objects under ``names`` and a manifest listing them (with their
+    true sha256 and size, so only the names are wrong)."""
+    import hashlib
+
+    good = store.upload_version(version, files_of(exports), {"metrics": GOOD})
+    files = dict(good["files"])
+    for name in names:
+        body = b"written by whoever controls the bucket"
+        store.client.put_object(Bucket=store.bucket, Key=store.key(version, name), Body=body)
+        files[name] = {"sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
+    store.client.put_object(Bucket=store.bucket, Key=store.key(version, "manifest.json"),
+                            Body=json.dumps(dict(good, files=files)).encode())
+
+
+@pytest.mark.parametrize("name", ["pytorch/../../../escaped.txt", "/tmp/absolute.txt", "pytorch/./x",
+                                  "pytorch/a\\..\\..\\b", "pytorch/x y"])
+def test_hostile_manifest_is_rejected_whole_and_nothing_is_written(store, exports, tmp_path, name):
+    import hashlib
+
+    # The parametrised runs share a truncated test name: one model per hostile name.
+    store = ModelStore(store.client, store.bucket, "hostile-" + hashlib.sha256(name.encode()).hexdigest()[:12])
+    _hostile_manifest(store, "v0.1.0", [name], exports)
+    area = tmp_path / "area"
+    dest = area / "checkpoints" / "production" / "v0.1.0"
+    area.mkdir()
+    with pytest.raises(RegistryError, match="refusing"):
+        store.download("v0.1.0", dest, prefix="pytorch/")
+    assert [p for p in area.rglob("*")] == [], "nothing written, inside or outside the destination"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["area", "exports"]
+
+
+def test_hostile_pointer_version_is_rejected_before_any_path_is_made(store, exports, tmp_path):
+    from tasks.registry_tasks import download_production
+
+    store.upload_version("v0.1.0", files_of(exports), {"metrics": GOOD})
+    store.move_pointer("v0.1.0")
+    pointer = json.loads(store.client.get_object(Bucket=store.bucket, Key=store.pointer_key)["Body"].read())
+    store.client.put_object(Bucket=store.bucket, Key=store.pointer_key,
+                            Body=json.dumps(dict(pointer, version="../../outside")).encode())
+    dest = tmp_path / "area" / "production"
+    with pytest.raises(RegistryError, match=r"'../../outside'.*not of the form vX.Y.Z"):
+        download_production.fn(str(dest), store.bucket, store.model, store.where)
+    assert not (tmp_path / "area").exists() and not (tmp_path / "outside").exists()
+
+
+def test_manifest_names_are_checked_one_by_one():
+    from infra.manifest import UnsafeName, check_file_name, check_version, path_inside
+
+    assert check_file_name("pytorch/model.safetensors") == "pytorch/model.safetensors"
+    assert check_version("v0.12.3") == "v0.12.3"
+    for bad in ("..", "a/../b", "/etc/passwd", "C:x", "a//b", "", "a b", "a\x00b", None):
+        with pytest.raises(UnsafeName):
+            check_file_name(bad)
+    for bad in ("v1.2", "1.2.3", "v1.2.3/..", "v1.2.3\n", "../v1.2.3", 3):
+        with pytest.raises(UnsafeName):
+            check_version(bad)
+    with pytest.raises(UnsafeName):
+        path_inside(Path("/srv/dest"), "..")
+
+
+def test_download_keeps_the_destination_when_a_file_is_corrupt(store, exports, tmp_path):
+    store.upload_version("v0.1.0", files_of(exports), {"metrics": GOOD})
+    dest = tmp_path / "dl"
+    store.download("v0.1.0", dest)
+    before = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    store.client.put_object(Bucket=store.bucket, Key=store.key("v0.1.0", "parity.json"),
+                            Body=(exports / "parity.json").read_bytes().replace(b"1e", b"2e"))
+    with pytest.raises(RegistryError, match="sha256 differs"):
+        store.download("v0.1.0", dest)
+    after = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    assert after == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no staging left behind"
+
+
+# ------------------------------------------------------------------ a failed upload moves nothing
+
+
+def test_failed_upload_mid_version_keeps_production_and_a_retry_completes_it(store, exports, monkeypatch):
+    store.upload_version("v0.1.0", files_of(exports), {"metrics": GOOD})
+    store.move_pointer("v0.1.0")
+    (exports / "policy.onnx").write_bytes(os.urandom(4096))
+    real = ModelStore._upload_file
+    calls = []
+
+    def dies_on_second(self, path, key):
+        calls.append(key)
+        if len(calls) == 2:
+            from infra.s3 import S3Unreachable
+            raise S3Unreachable(f"cannot upload to s3://{self.bucket}: injected connection loss")
+        return real(self, path, key)
+
+    monkeypatch.setattr(ModelStore, "_upload_file", dies_on_second)
+    with pytest.raises(S3Unreachable, match="injected"):
+        store.upload_version("v0.2.0", files_of(exports), {"metrics": GOOD})
+    assert store.manifest("v0.2.0") is None, "an incomplete version has no manifest"
+    with pytest.raises(RegistryError, match="never fully published"):
+        store.move_pointer("v0.2.0")
+    assert store.production_version() == "v0.1.0" and store.pointer().history == []
+    monkeypatch.undo()
+    store.upload_version("v0.2.0", files_of(exports), {"metrics": GOOD})
+    assert store.move_pointer("v0.2.0").history == ["v0.1.0"]
+
+
+# ------------------------------------------------------------------ outputs must match dvc.lock
+
+
+@pytest.fixture
+def dvc_repo(tmp_path) -> Path:
+    """A git + DVC repo with one stage writing a git-tracked metric and a DVC-cached exports/ dir."""
+    import sys
+
+    r = tmp_path / "dvcrepo"
+    r.mkdir()
+    git(r, "init", "-q")
+    git(r, "config", "user.email", "t@drivevla.org")
+    git(r, "config", "user.name", "tests")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=r, check=True)
+    (r / "make.py").write_text(
+        "import json, pathlib\n"
+        "pathlib.Path('metrics').mkdir(exist_ok=True); pathlib.Path('exports/pytorch').mkdir(parents=True, exist_ok=True)\n"
+        "pathlib.Path('metrics/evaluate.json').write_text(json.dumps({'driving_score': 0.6666}))\n"
+        "pathlib.Path('exports/policy.onnx').write_text('onnx')\n"
+        "pathlib.Path('exports/pytorch/model.safetensors').write_text('weights')\n")
+    (r / "dvc.yaml").write_text("stages:\n  evaluate:\n    cmd: python make.py\n    deps: [make.py]\n"
+                                "    outs: [exports]\n    metrics:\n      - metrics/evaluate.json:\n"
+                                "          cache: false\n")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=r, check=True, env=env)
+    git(r, "add", "-A")
+    git(r, "commit", "-q", "-m", "pipeline")
+    return r
+
+
+def test_promotion_refuses_outputs_edited_by_hand(dvc_repo):
+    from tasks.registry_tasks import ModifiedOutputs, modified_outputs, verify_outputs
+
+    assert modified_outputs(dvc_repo) == {}
+    verify_outputs.fn(str(dvc_repo))  # untouched outputs pass
+    (dvc_repo / "metrics" / "evaluate.json").write_text(json.dumps({"driving_score": 0.99}))
+    (dvc_repo / "exports" / "pytorch" / "model.safetensors").write_text("other weights")
+    assert modified_outputs(dvc_repo) == {"metrics/evaluate.json": "modified",
+                                          "exports/pytorch/model.safetensors": "modified"}
+    with pytest.raises(ModifiedOutputs) as err:
+        verify_outputs.fn(str(dvc_repo))
+    message = str(err.value)
+    assert "metrics/evaluate.json (modified)" in message and "exports/pytorch/model.safetensors (modified)" in message
+    assert "`git checkout -- metrics/evaluate.json`" in message and "`dvc checkout`" in message
+    assert "dvc repro" in message
+    (dvc_repo / "exports" / "policy.onnx").unlink()
+    assert modified_outputs(dvc_repo)["exports/policy.onnx"] == "modified"
+
+
+# ------------------------------------------------------------------ optional packages and layering
+
+
+def test_missing_boto3_names_the_s3_extra(monkeypatch):
+    import sys
+
+    from infra.packages import MissingPackage
+
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    with pytest.raises(MissingPackage, match=r"'boto3'.*publishing models to S3.*pip install -e \.\[s3\]"):
+        make_client(S3Settings(endpoint_url="http://127.0.0.1:1"))
+
+
+def test_missing_gto_names_the_registry_extra(monkeypatch, repo):
+    import sys
+
+    from infra.packages import MissingPackage
+
+    monkeypatch.setitem(sys.modules, "gto.api", None)
+    with pytest.raises(MissingPackage, match=r"'gto'.*GTO tags.*pip install -e \.\[registry\]"):
+        register_version(repo, "driving-policy")
+    with pytest.raises(MissingPackage, match=r"\[registry\]"):
+        assign_stage(repo, "driving-policy", "v0.1.0")
+
+
+def test_registry_flows_reach_infra_only_through_tasks():
+    from tests.unit.test_import_direction import ROOT, imported_roots
+
+    for rel in ("flows/promote.py", "flows/retrain.py", "flows/ops_cli.py", "flows/deployments.py"):
+        assert "infra" not in imported_roots(ROOT / rel), f"{rel} imports infra directly: go through tasks/"
+
+
+def test_registry_modules_stay_small():
+    from tests.unit.test_import_direction import ROOT
+
+    for rel in ("infra/registry.py", "infra/model_store.py", "infra/promotion.py", "infra/manifest.py",
+                "tasks/registry_tasks.py"):
+        assert len((ROOT / rel).read_text().splitlines()) <= 450, rel
