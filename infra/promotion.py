@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 __all__ = ["PromotionThresholds", "Check", "Decision", "judge"]
 
@@ -24,6 +24,14 @@ def _finite(value: Any, key: str) -> Any:
     return value
 
 
+def _finite_limit(value: Any) -> Any:
+    return _finite(value, "limit")
+
+
+# A guard's limit: pydantic reports a bad one at its own key (``max_drop.route_completion``).
+Limit = Annotated[float, BeforeValidator(_finite_limit)]
+
+
 class PromotionThresholds(BaseModel):
     """When a candidate may replace production: the ``promote:`` section of the config."""
 
@@ -33,9 +41,9 @@ class PromotionThresholds(BaseModel):
     min_driving_score_delta: float = Field(
         0.01, description="candidate score − production score must be at least this (>0: strictly better)")
     # Guard metrics: each may get worse by at most the given amount.
-    max_drop: dict[str, float] = Field({"route_completion": 0.05},
+    max_drop: dict[str, Limit] = Field({"route_completion": 0.05},
                                        description="higher-is-better metric -> largest allowed drop")
-    max_rise: dict[str, float] = Field({"collisions_per_km": 0.5},
+    max_rise: dict[str, Limit] = Field({"collisions_per_km": 0.5},
                                        description="lower-is-better metric -> largest allowed rise")
     parity_metric: str = "onnx_max_abs_error"
     max_parity_error: float = Field(1e-4, gt=0, description="largest ONNX-vs-PyTorch abs error allowed")
@@ -45,14 +53,6 @@ class PromotionThresholds(BaseModel):
     @classmethod
     def _finite_number(cls, value: Any, info: Any) -> Any:
         return _finite(value, info.field_name)
-
-    @field_validator("max_drop", "max_rise", mode="before")
-    @classmethod
-    def _finite_limits(cls, value: Any, info: Any) -> Any:
-        if isinstance(value, dict):
-            for name, limit in value.items():
-                _finite(limit, f"{info.field_name}.{name}")
-        return value
 
 
 @dataclass

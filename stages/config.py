@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from infra.carla.config import CarlaServerConfig
+from infra.promotion import PromotionThresholds as PromoteParams  # the one thresholds type (promotion owns it)
 from stages.config_model import STRICT_CONFIG, StrictModel
 from stages.envs.config import EnvConfig, ScenarioName
 from stages.rl.configs import PPOConfig, SACConfig
@@ -201,7 +202,6 @@ class EvaluateParams(_Strict):
 
 # When a candidate may replace the production model (flows/promote.py). One type for the config and the
 # promotion flow: infra owns it (stages may import infra; infra may not import stages).
-from infra.promotion import PromotionThresholds as PromoteParams  # noqa: E402
 
 
 class CarlaParams(CarlaServerConfig):
@@ -334,8 +334,8 @@ def _describe(errors: list[dict[str, Any]], merged: dict[str, Any]) -> str:
         elif err["type"] == "extra_forbidden":
             lines.append(f"  - {loc}: unknown key (given {given!r}); check the spelling against `drivevla config show`")
         else:
-            allowed = err.get("ctx", {})
-            hint = f" [{', '.join(f'{k}={v}' for k, v in allowed.items() if k != 'error')}]" if allowed else ""
+            allowed = {k: v for k, v in err.get("ctx", {}).items() if k != "error"}
+            hint = f" [{', '.join(f'{k}={v}' for k, v in allowed.items())}]" if allowed else ""
             if loc and isinstance(given, dict):  # a rule across a section's keys: its message names them
                 lines.append(f"  - {loc}: {err['msg'].removeprefix('Value error, ')}")
             elif loc:
