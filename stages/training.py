@@ -16,12 +16,13 @@ from stages.config import PipelineConfig
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.pt"
-# Parameters of the two encoders and their contrastive projections (what stage 1 trains).
-ENCODER_PREFIXES = ("vision", "text", "image_projection", "text_projection", "logit_scale")
+# The model names its parameter groups (`DrivingVLA.parameter_groups`); these stay for the callers.
+ENCODER_PREFIXES = DrivingVLA.ENCODER_MODULES
 
 
-def encoder_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in model.named_parameters() if n.startswith(ENCODER_PREFIXES)]
+def encoder_parameters(model: DrivingVLA) -> list[torch.nn.Parameter]:
+    """The encoders' parameters and their contrastive projections (what stage 1 trains)."""
+    return model.encoder_parameters()
 
 
 def model_config(cfg: PipelineConfig) -> DrivingVLAConfig:

@@ -41,7 +41,7 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -54,11 +54,7 @@ from stages.rl.checkpoint import TrainingCheckpoint, capture_rng, restore_rng
 from stages.rl.scalars import ScalarWriter
 from stages.rl.configs import PPOConfig
 from stages.rl.policies import ObsAdapter, make_obs_adapter
-from stages.rl.vector import as_vector_env, final_obs, final_values, vector_env_from_fns
-from stages.training import ENCODER_PREFIXES
-
-# What the critic warm-up trains: the value head and, where the model has one, the critic's fusion.
-CRITIC_PREFIXES = ("value_head", "critic_fusion")
+from stages.rl.vector import as_vector_env, final_obs, final_values, is_env_fns, vector_env_from_fns
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +96,7 @@ class PPOTrainer:
         self.env_fns: list[Callable[[], gym.Env]] | None = None
         self.env: gym.vector.VectorEnv | None = None
         self._collector: Any = None
-        if _is_env_fns(env):
+        if is_env_fns(env):
             self.env_fns = list(env)
             if cfg.async_collection:
                 from stages.rl.async_collector import AsyncCollector
@@ -136,14 +132,10 @@ class PPOTrainer:
             self.model.set_log_std(cfg.init_log_std)
             log.info("ppo: policy log-std set to %.2f (std %.3f)", cfg.init_log_std, float(np.exp(cfg.init_log_std)))
         if cfg.freeze_encoders:
-            frozen = 0
-            for name, p in self.model.named_parameters():
-                if name.startswith(ENCODER_PREFIXES):
-                    p.requires_grad_(False)
-                    frozen += p.numel()
-            log.info("ppo: froze %d encoder parameters", frozen)
-        self._non_value_params = [p for n, p in self.model.named_parameters()
-                                  if p.requires_grad and not n.startswith(CRITIC_PREFIXES)]
+            log.info("ppo: froze %d encoder parameters", self.model.freeze_encoders())
+        # What the critic warm-up holds still: everything that trains but the critic's own parameters.
+        critic = {id(p) for p in self.model.parameter_groups()["critic"]}
+        self._non_value_params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in critic]
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
                                           lr=cfg.learning_rate, eps=1e-5)
         self.rng = np.random.default_rng(self.seed)
@@ -437,10 +429,6 @@ class PPOTrainer:
             self._collector.close()
         if self.env is not None and self.env_fns is not None:
             self.env.close()  # built here from constructors: ours to close
-
-
-def _is_env_fns(env: Any) -> bool:
-    return isinstance(env, Sequence) and not isinstance(env, (str, bytes)) and all(callable(f) for f in env)
 
 
 def _summary_writer(save_dir: str | Path | None) -> Any:
