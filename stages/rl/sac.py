@@ -69,7 +69,7 @@ from stages.rl.configs import SACConfig
 from stages.rl.policies import BoxObsAdapter
 from stages.rl.replay import ReplayBatch, ReplayBuffer
 from stages.rl.sac_collection import LearnerThread, make_collector
-from stages.rl.sac_storage import choose_storage, mode_matters
+from stages.rl.sac_storage import add_offline_samples, choose_storage, mode_matters
 from stages.rl.scalars import ScalarWriter
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class SACTrainer:
             self.rng = np.random.default_rng(self.rank_seed)  # minibatches
             self.action_rng = np.random.default_rng([self.rank_seed, 1])  # random warm-up actions
             if self.dist.enabled:
-                self._broadcast_from_rank0()
+                sac_state.broadcast_from_rank0(self)
                 # Action and reparameterisation noise of its own (the model was built alike on every rank).
                 torch.manual_seed(self.rank_seed)
 
@@ -158,13 +158,9 @@ class SACTrainer:
             self.buffer = ReplayBuffer.for_fields(cfg.buffer_size, buffer_fields, action_dim,
                                                   num_envs=self.num_envs, offline_ratio=cfg.offline_ratio)
             if offline_data is not None:
-                if self.storage == "raw" and "tokens" in fields:
-                    self.buffer.add_offline_samples(offline_data, lambda texts: model.tokenize(texts).cpu())
-                elif self.storage == "raw":
-                    self.buffer.add_offline_samples(offline_data)
-                else:
-                    self._set_training(False)
-                    self.buffer.add_offline_samples(offline_data, encode=self.encode)
+                if self.storage != "raw":
+                    self._set_training(False)  # stored encodings are computed in eval mode
+                add_offline_samples(self.buffer, offline_data, self.storage, model, self.encode)
             elif cfg.offline_ratio > 0:
                 log.warning("sac: offline_ratio=%s but no offline_data given: every batch is online",
                             cfg.offline_ratio)
@@ -183,14 +179,6 @@ class SACTrainer:
         # With a learner thread: the buffer is shared; the model too where its mode matters.
         self._buffer_lock = threading.Lock()
         self._model_lock = threading.Lock() if self._mode_matters else contextlib.nullcontext()
-
-    @torch.no_grad()
-    def _broadcast_from_rank0(self) -> None:
-        """Start every rank from rank 0's weights; averaged gradients keep them equal after that."""
-        for module in (self.model, self.critic, self.critic_target):
-            for tensor in [*module.parameters(), *module.buffers()]:
-                torch.distributed.broadcast(tensor.data, src=0)
-        torch.distributed.broadcast(self.log_alpha.data, src=0)
 
     # -- acting (the collector's `stages.rl.sac_collection.Agent`) ------------------------------
     def encode(self, obs: Any) -> dict[str, np.ndarray]:
@@ -214,19 +202,16 @@ class SACTrainer:
             self.model.train(mode)
 
     @torch.no_grad()
-    def _policy_actions(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
-        with self._model_lock:
-            self._set_training(False)
-            features = self._compute_features(*self._inputs(encoded))
-            return self.model.distribution(self.model.policy_params(features)).sample().cpu().numpy()
-
     def actions(self, encoded: dict[str, np.ndarray], count: int) -> np.ndarray:
         """Actions for ``count`` encoded observations: uniform before ``learning_starts`` (with
         ``random_warmup``), else sampled from the policy."""
         if self.config.random_warmup and self.global_step < self.config.learning_starts:
             return self.action_rng.uniform(self.action_low, self.action_high,
                                            size=(count, self.action_low.size)).astype(np.float32)
-        return self._policy_actions(encoded)
+        with self._model_lock:
+            self._set_training(False)
+            features = self._compute_features(*self._inputs(encoded))
+            return self.model.distribution(self.model.policy_params(features)).sample().cpu().numpy()
 
     def store(self, obs: dict[str, np.ndarray], actions: np.ndarray, rewards: np.ndarray,
               next_obs: dict[str, np.ndarray], terminated: np.ndarray, done: np.ndarray,
@@ -243,26 +228,21 @@ class SACTrainer:
         # A resumed run starts new episodes from seeds of its own, not the first run's.
         return self.rank_seed + 7919 * self.global_step
 
-    def collect_step(self, during: Callable[[], None] | None = None) -> None:
-        """Store one step of the envs (of whichever envs are back, at least one, for env
-        constructors). ``during()`` runs while the envs step where the collector overlaps them."""
-        while not (stored := self.collector.step(self, during)):
-            during = None
-        self.global_step += stored * self.world_size
-
     # -- update ---------------------------------------------------------------------------------
     def _log_prob_scaled(self, log_prob: torch.Tensor) -> torch.Tensor:
         return log_prob + self._log_scale
 
-    def _average_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+    def _step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: bool = True) -> None:
+        """Backward, average the gradients over the ranks, clip them (``max_grad_norm``), step."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
         # Every rank runs the same graph, so the same parameters have gradients on every rank.
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if self.dist.enabled:
-            self.dist.average_gradients([p for g in optimizer.param_groups for p in g["params"] if p.grad is not None])
-
-    def _clip(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.config.max_grad_norm is not None:
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            self.dist.average_gradients(params)
+        if clip and self.config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        optimizer.step()
 
     def _features(self, batch: ReplayBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Trunk features of the observations (with gradient when the critic trains the trunk) and
@@ -298,11 +278,7 @@ class SACTrainer:
 
         q1, q2 = self.critic(features, batch.actions)
         critic_loss = 0.5 * (((q1 - target_q) ** 2).mean() + ((q2 - target_q) ** 2).mean())
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        self._average_gradients(self.critic_optimizer)
-        self._clip(self.critic_optimizer)
-        self.critic_optimizer.step()
+        self._step(self.critic_optimizer, critic_loss)
 
         stats = {"critic_loss": critic_loss.item(), "q_mean": 0.5 * (q1.mean().item() + q2.mean().item()),
                  "offline_fraction": batch.offline.float().mean().item(),
@@ -325,18 +301,11 @@ class SACTrainer:
         q1_pi, q2_pi = self.critic(features, actions)
         self.critic.requires_grad_(True)
         actor_loss = (alpha * log_prob - torch.min(q1_pi, q2_pi)).mean()
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self._average_gradients(self.actor_optimizer)
-        self._clip(self.actor_optimizer)
-        self.actor_optimizer.step()
+        self._step(self.actor_optimizer, actor_loss)
         stats = {"actor_loss": actor_loss.item(), "entropy": -log_prob.mean().item()}
         if self.alpha_optimizer is not None:
             alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
-            self.alpha_optimizer.zero_grad(set_to_none=True)
-            alpha_loss.backward()
-            self._average_gradients(self.alpha_optimizer)
-            self.alpha_optimizer.step()
+            self._step(self.alpha_optimizer, alpha_loss, clip=False)
             stats["alpha_loss"] = alpha_loss.item()
         return stats
 
@@ -361,13 +330,8 @@ class SACTrainer:
         if checkpoint_every_steps < 1:
             raise ValueError(f"checkpoint_every_steps must be >= 1, got {checkpoint_every_steps}")
         ckpt = TrainingCheckpoint(save_dir, key=checkpoint_key) if save_dir is not None else None
-        if ckpt is not None and resume and (state := ckpt.load()) is not None:
-            if (misfit := sac_state.misfit(self, state)) is not None:
-                # Every rank reads the same file, so every rank decides alike.
-                log.warning("sac: %s does not fit this trainer (%s); starting afresh", ckpt.path, misfit)
-            else:
-                self.load_state_dict(state)
-                log.info("sac: resumed at step %d (update %d) from %s", self.global_step, self.updates, ckpt.path)
+        if ckpt is not None and resume:
+            sac_state.resume(self, ckpt)
         writer = ScalarWriter(save_dir) if save_dir is not None and main else None
         start, start_step = time.perf_counter(), self.global_step
         bar = tqdm(total=total_timesteps, initial=min(self.global_step, total_timesteps), desc="sac", unit="step",
@@ -403,7 +367,7 @@ class SACTrainer:
                     # The updates this step is owed run while its envs step, on what is stored so far.
                     if before + self.num_envs * self.world_size >= self._updates_from and len(self.buffer) > 0:
                         self.update_debt += self.num_envs * cfg.utd_ratio
-                    self.collect_step(during=run_updates)
+                    self.global_step += self.collector.step(self, during=run_updates) * self.world_size
                 else:
                     learner.check()
                     stored = self.collector.step(self)

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from stages.rl.collectors import Collector
 from stages.rl.vector import as_vector_env, final_obs, final_values, is_env_fns, vector_env_from_fns
 from stages.rl.workers import EnvWorkers
 
@@ -49,11 +50,8 @@ class Agent(Protocol):
     def reset_seed(self) -> int: ...
 
 
-class SACCollector(ABC):
+class SACCollector(Collector):
     """Steps ``num_envs`` envs and stores their transitions through an `Agent`."""
-    num_envs: int
-    observation_space: Any    # one env's
-    action_space: Any
     concurrent_learner = False  # whether the updates run in a `LearnerThread` meanwhile
 
     def __init__(self, num_envs: int) -> None:
@@ -64,13 +62,6 @@ class SACCollector(ABC):
     def step(self, agent: Agent, during: Callable[[], None] | None = None) -> int:
         """Store the steps of the envs that are back; returns how many (0: none yet). ``during()``
         runs while the envs step where the collector can overlap them."""
-
-    @abstractmethod
-    def restart(self) -> None:
-        """Start fresh episodes on the next step (after a checkpoint was loaded)."""
-
-    @abstractmethod
-    def close(self) -> None: ...
 
     def _end_episodes(self, agent: Agent, envs: Sequence[int], done: np.ndarray,
                       completion: Callable[[int], Any]) -> None:
@@ -206,7 +197,10 @@ class PoolCollector(SACCollector):
 
 def make_collector(env: Any, lockstep: bool) -> SACCollector:
     """A `PoolCollector` for env constructors (unless ``lockstep``: data-parallel ranks step
-    together), else a `VectorCollector` (over a vector env built from them, when they are)."""
+    together), else a `VectorCollector` (over a vector env built from them, when they are); a
+    collector as it is."""
+    if isinstance(env, SACCollector):
+        return env
     fns = is_env_fns(env)
     if fns and not lockstep:
         return PoolCollector(list(env))

@@ -27,6 +27,27 @@ from stages.rl.checkpoint import TrainingCheckpoint, capture_rng, restore_rng
 log = logging.getLogger(__name__)
 
 
+@torch.no_grad()
+def broadcast_from_rank0(t: Any) -> None:
+    """Start every rank from rank 0's weights; averaged gradients keep them equal after that."""
+    for module in (t.model, t.critic, t.critic_target):
+        for tensor in [*module.parameters(), *module.buffers()]:
+            torch.distributed.broadcast(tensor.data, src=0)
+    torch.distributed.broadcast(t.log_alpha.data, src=0)
+
+
+def resume(t: Any, ckpt: TrainingCheckpoint) -> None:
+    """Load ``ckpt`` into trainer ``t`` when there is one that fits it; else start afresh."""
+    if (state := ckpt.load()) is None:
+        return
+    if (why := misfit(t, state)) is not None:
+        # Every rank reads the same file, so every rank decides alike.
+        log.warning("sac: %s does not fit this trainer (%s); starting afresh", ckpt.path, why)
+        return
+    t.load_state_dict(state)
+    log.info("sac: resumed at step %d (update %d) from %s", t.global_step, t.updates, ckpt.path)
+
+
 def save(t: Any, ckpt: TrainingCheckpoint, buffer_bytes: int) -> None:
     """Write the checkpoint (rank 0), with every rank's own part gathered into it."""
     size = t.buffer.online_nbytes

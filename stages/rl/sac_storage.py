@@ -26,7 +26,7 @@ from stages.rl.replay import SHARED_FIELDS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureAdapter", "Storage", "choose_storage", "mode_matters"]
+__all__ = ["FeatureAdapter", "Storage", "add_offline_samples", "choose_storage", "mode_matters"]
 
 
 class FeatureAdapter(ObsAdapter):
@@ -82,6 +82,18 @@ def choose_storage(model: torch.nn.Module, obs_space: gym.Space, feature_dim: in
         log.info("sac: frozen encoders, but their outputs (%d bytes) outweigh the raw observation (%d): "
                  "storing the observation", _nbytes(encoded.fields()), _nbytes(raw.fields()))
     return Storage(raw, "raw", model.compute_features)
+
+
+def add_offline_samples(buffer: Any, data: Any, kind: str, model: torch.nn.Module,
+                        encode: Callable[[Any], dict[str, np.ndarray]]) -> None:
+    """A recorded dataset into ``buffer``'s offline partition, stored as ``kind`` says (the model
+    in eval mode, where the stored fields are computed)."""
+    if kind == "raw" and "tokens" in buffer.fields:
+        buffer.add_offline_samples(data, lambda texts: model.tokenize(texts).cpu())
+    elif kind == "raw":
+        buffer.add_offline_samples(data)
+    else:
+        buffer.add_offline_samples(data, encode=encode)
 
 
 def mode_matters(model: torch.nn.Module) -> bool:

@@ -16,7 +16,8 @@ from stages.rl.configs import SACConfig
 from stages.rl.replay import ReplayBatch
 from stages.rl.sac import SACTrainer
 from stages.rl.sac_networks import MLPActor
-from stages.training import ENCODER_PREFIXES
+
+ENCODER_PREFIXES = DrivingVLA.ENCODER_MODULES  # the model names its encoders
 
 IMAGE = 32
 
