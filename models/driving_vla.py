@@ -343,6 +343,38 @@ class DrivingVLA(nn.Module):
         dist = self.distribution(out.action_params)
         return dist.log_prob(actions), dist.entropy(), out.value
 
+    # ------------------------------------------------------------------ parameter groups
+    # Which parameters each objective moves, said once here: stage 1 trains the encoders (and their
+    # contrastive projections), RL's actor loss the policy head, the critic loss the value head
+    # (and the critic's own fusion, when there is one). The trunk is the rest: state encoder,
+    # fusion, readout and type tokens, trajectory head.
+    ENCODER_MODULES = ("vision", "text", "image_projection", "text_projection", "logit_scale")
+    ACTOR_MODULES = ("policy_head",)
+    CRITIC_MODULES = ("value_head", "critic_fusion")
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Every parameter in one group (``encoders``, ``actor``, ``critic``, ``trunk``), each group in
+        ``named_parameters`` order (so an optimiser built from a group sees the usual order)."""
+        groups: dict[str, list[nn.Parameter]] = {"encoders": [], "actor": [], "critic": [], "trunk": []}
+        for name, p in self.named_parameters():
+            module = name.split(".", 1)[0]
+            group = ("encoders" if module in self.ENCODER_MODULES else "actor" if module in self.ACTOR_MODULES
+                     else "critic" if module in self.CRITIC_MODULES else "trunk")
+            groups[group].append(p)
+        return groups
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The vision and text encoders' parameters and their contrastive projections (stage 1's)."""
+        return self.parameter_groups()["encoders"]
+
+    def freeze_encoders(self) -> int:
+        """Stop training the encoders (``requires_grad=False``); returns how many parameters froze."""
+        frozen = 0
+        for p in self.encoder_parameters():
+            p.requires_grad_(False)
+            frozen += p.numel()
+        return frozen
+
     # ------------------------------------------------------------------ persistence
 
     def count_parameters(self, trainable_only: bool = False) -> int:

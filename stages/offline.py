@@ -45,7 +45,7 @@ from stages.metrics.held_out import evaluate
 from stages.metrics.open_loop import fit_ego_status_mlp, format_table, plot_open_loop
 from stages.resume import ResumePoint, fingerprint
 from stages.rl.iql import IQLConfig, IQLCritic, iql_losses
-from stages.training import TokenCache, encoder_parameters, load_or_init, save_checkpoint
+from stages.training import TokenCache, load_or_init, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ def _init(cfg: PipelineConfig, dist: Distributed) -> _Training:
     params = list(model.parameters()) + (list(critic.q.parameters()) if critic is not None else [])
     # The pretrained encoders move more slowly than the parts stage 1 did not train (fusion, state
     # encoder, heads, critic).
-    pretrained = {id(p) for p in encoder_parameters(model)}
+    pretrained = {id(p) for p in model.encoder_parameters()}
     groups = [{"params": [p for p in params if id(p) in pretrained], "lr": o.learning_rate * o.encoder_lr_scale},
               {"params": [p for p in params if id(p) not in pretrained], "lr": o.learning_rate}]
     optim = make_adamw(groups, lr=o.learning_rate, weight_decay=o.weight_decay, device=device)

@@ -17,21 +17,31 @@ server of its own (`stages.envs.slots`): ``num_envs * world_size + 1`` servers i
 """
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.distributed
 
+from infra.files import sha256_file
 from stages.accel import Distributed, distributed
 from stages.common import StageInputError, resolve_device, seed_everything, stage_main, write_json
 from stages.config import PipelineConfig
+from stages.data.shards import MANIFEST, load_split_arrays
+from stages.envs import make_env
+from stages.envs.factory import check_env_slots, env_fns
+from stages.envs.rewards import OFF_ROAD_REASONS
+from stages.envs.slots import OnlineEnvSlots
 from stages.resume import fingerprint
+from stages.rl.evaluation import rollout_policy, torch_threads
+from stages.rl.ppo import PPOTrainer, rank_seed
+from stages.rl.sac import SACTrainer
+from stages.rl.selection import BestPolicyKeeper
 from stages.training import load_or_init, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -45,9 +55,6 @@ RUN_DIR = Path("runs") / "online"
 
 def evaluate(model: Any, env: Any, episodes: int, seed: int, device: str) -> dict[str, Any]:
     """Deterministic episodes on seeds ``seed, seed + 1, …``: means and standard errors."""
-    from stages.envs.rewards import OFF_ROAD_REASONS
-    from stages.rl.evaluation import rollout_policy, torch_threads
-
     with torch_threads(1 if str(device).startswith("cpu") else None):
         runs = [rollout_policy(model, env, seed + i, True, device) for i in range(episodes)]
     out: dict[str, Any] = {"episodes": float(episodes),
@@ -91,8 +98,6 @@ def paired_gain(before: dict[str, Any], after: dict[str, Any]) -> dict[str, floa
 def offline_transitions(cfg: PipelineConfig) -> Any:
     """The built dataset's train split, which seeds SAC's replay buffer (``online.sac.offline_ratio``
     of every batch comes from it: offline-to-online)."""
-    from stages.data.shards import MANIFEST, load_split_arrays
-
     built = Path(cfg.data.built)
     if not (built / MANIFEST).is_file():
         raise StageInputError(
@@ -106,13 +111,7 @@ def offline_transitions(cfg: PipelineConfig) -> Any:
 def _digest(path: Path) -> str:
     """Identity of the stage-2 weights, so a new upstream checkpoint never resumes an old run."""
     weights = path / "model.safetensors"
-    if not weights.is_file():
-        return "none"
-    h = hashlib.sha256()
-    with weights.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return sha256_file(weights, length=16) if weights.is_file() else "none"
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
@@ -121,124 +120,149 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         return _run(cfg, dist)
 
 
-def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
-    from stages.envs import make_env
-    from stages.envs.factory import check_env_slots, env_fns
-    from stages.envs.slots import OnlineEnvSlots
-    from stages.rl.ppo import rank_seed
+@dataclass
+class _Run:
+    """What the phases share: the settings, this rank, the model and where its envs are."""
+    cfg: PipelineConfig
+    dist: Distributed
+    device: Any
+    model: Any
+    key: str                    # the run's identity: a checkpoint with another key is not resumed
+    slots: OnlineEnvSlots
+    offline_data: Any
+    eval_env: Any               # rank 0's held-out env (None on the other ranks)
+    started: float
 
+    @property
+    def eval_seed(self) -> int:
+        return self.cfg.seed + EVAL_SEED_OFFSET
+
+    def evaluate(self, episodes: int, seed: int) -> dict[str, Any]:
+        return evaluate(self.model, self.eval_env, episodes, seed, self.device)
+
+
+def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
+    r = _init(cfg, dist)
+    try:
+        before = _evaluate_before(r)
+        trainer, train_stats, selection = _train(r)
+        after = _evaluate_after(r)
+    finally:
+        if r.eval_env is not None:
+            r.eval_env.close()
+    if not dist.is_main:
+        dist.barrier()  # wait until rank 0 has written the checkpoint and the metrics
+        return {"paths": {"checkpoint": cfg.online.out}, "metrics": _from_rank0(dist, None)}
+    metrics = _report(r, before, after, selection, trainer, train_stats)
+    _write(r, metrics)
+    return {"paths": {"checkpoint": cfg.online.out}, "metrics": _from_rank0(dist, metrics)}
+
+
+def _init(cfg: PipelineConfig, dist: Distributed) -> _Run:
+    """Seed, check what the run needs before any work (env slots, SAC's dataset), load the model."""
     seed_everything(cfg.seed)  # the same on every rank: the model starts alike everywhere
     device = dist.device(resolve_device(cfg.device))
     o = cfg.online
-    sac_kwargs = _sac_dist_kwargs(dist) if o.algo == "sac" else {}
     # With CARLA one server per env: fail before loading anything when there are too few.
     slots = OnlineEnvSlots.for_config(o, dist.world_size)
     check_env_slots(cfg.env, slots.total, slots.describe())
-    first_slot = slots.first_train(dist.rank)
     # Likewise a missing dataset for SAC's offline partition (a read, before any driving).
     offline_data = offline_transitions(cfg) if o.algo == "sac" and o.sac.offline_ratio > 0 else None
     model = load_or_init(cfg, upstream=o.init_from or cfg.offline.out).to(device)
     key = fingerprint(cfg.model, cfg.env, o, {"seed": cfg.seed, "upstream": _digest(Path(cfg.offline.out))})
-    eval_seed = cfg.seed + EVAL_SEED_OFFSET
-    # Each rank's envs start from seeds of their own (rank 0's are a one-process run's).
-    train_seed = rank_seed(cfg.seed, dist)
+    eval_env = make_env(cfg.env, seed=cfg.seed + EVAL_SEED_OFFSET, slot=slots.eval) if dist.is_main else None
+    return _Run(cfg, dist, device, model, key, slots, offline_data, eval_env, time.perf_counter())
 
-    eval_env = make_env(cfg.env, seed=eval_seed, slot=slots.eval) if dist.is_main else None
-    t0 = time.perf_counter()
+
+def _evaluate_before(r: _Run) -> dict[str, Any]:
+    """The starting point's figures (rank 0), kept with the run: a resumed run does not re-drive them."""
     before: dict[str, Any] = {}
-    after: dict[str, Any] = {}
-    try:
-        if dist.is_main:
-            # The starting point's figures are kept with the run: a resumed run does not re-drive them.
-            saved = json.loads((RUN_DIR / "before.json").read_text()) if (RUN_DIR / "before.json").is_file() else None
-            if saved is not None and saved.get("key") == key:
-                before = saved["metrics"]
-            else:
-                before = evaluate(model, eval_env, o.eval_episodes, eval_seed, device)
-                write_json(RUN_DIR / "before.json", {"key": key, "metrics": before})
-            log.info("online: before fine-tuning %s", {k: v for k, v in before.items() if k not in _NOT_SCALARS})
-        dist.barrier()  # the other ranks wait for rank 0's evaluation
-
-        keeper = None
-        if o.select_best and dist.is_main:  # rank 0 alone drives, keeps and saves the best weights
-            from stages.rl.selection import BestPolicyKeeper
-
-            val_seed = cfg.seed + VAL_SEED_OFFSET
-            keeper = BestPolicyKeeper(
-                model, lambda: evaluate(model, eval_env, o.val_episodes, val_seed, device)["route_completion"],
-                RUN_DIR, every=o.validate_every, key=key)
-        if o.algo == "sac":
-            from stages.rl.sac import SACTrainer
-
-            # Constructors, not a built vector env: each env then steps in its own process and gets its
-            # next action as soon as its own step returns, while a learner thread updates.
-            train_envs = env_fns(cfg.env, o.sac.num_envs, seed=train_seed, first_slot=first_slot)
-            trainer = SACTrainer(model, train_envs, o.sac, device=device, seed=cfg.seed, offline_data=offline_data,
-                                 **sac_kwargs)
+    if r.dist.is_main:
+        path = RUN_DIR / "before.json"
+        saved = json.loads(path.read_text()) if path.is_file() else None
+        if saved is not None and saved.get("key") == r.key:
+            before = saved["metrics"]
         else:
-            from stages.rl.ppo import PPOTrainer
+            before = r.evaluate(r.cfg.online.eval_episodes, r.eval_seed)
+            write_json(path, {"key": r.key, "metrics": before})
+        log.info("online: before fine-tuning %s", _scalars(before))
+    r.dist.barrier()  # the other ranks wait for rank 0's evaluation
+    return before
 
-            train_envs = env_fns(cfg.env, o.ppo.num_envs, seed=train_seed, first_slot=first_slot)
-            trainer = PPOTrainer(model, train_envs, o.ppo, device=device, seed=cfg.seed, dist=dist)
-        try:
-            if keeper is not None:
-                keeper.start()
-            train_stats = trainer.train(o.total_timesteps, save_dir=RUN_DIR, checkpoint_key=key, callback=keeper)
-        finally:
-            trainer.close()
-        selection = keeper.restore() if keeper is not None else None
-        if selection is not None:
-            log.info("online: keeping the weights of step %d (validation route completion %.3f)",
-                     selection["best_step"], selection["best_score"])
 
-        if dist.is_main:
-            after = evaluate(model, eval_env, o.eval_episodes, eval_seed, device)
-            log.info("online: after fine-tuning %s", {k: v for k, v in after.items() if k not in _NOT_SCALARS})
+def _train(r: _Run) -> tuple[Any, dict[str, float], dict[str, Any] | None]:
+    """Fine-tune with PPO or SAC; with ``select_best``, end on the weights that validated best."""
+    cfg, o, dist = r.cfg, r.cfg.online, r.dist
+    keeper = None
+    if o.select_best and dist.is_main:  # rank 0 alone drives, keeps and saves the best weights
+        val_seed = cfg.seed + VAL_SEED_OFFSET
+        keeper = BestPolicyKeeper(r.model, lambda: r.evaluate(o.val_episodes, val_seed)["route_completion"],
+                                  RUN_DIR, every=o.validate_every, key=r.key)
+    # Each rank's envs start from seeds of their own (rank 0's are a one-process run's). Constructors,
+    # not built envs: the trainer starts them in processes of their own.
+    train_seed, first_slot = rank_seed(cfg.seed, dist), r.slots.first_train(dist.rank)
+    if o.algo == "sac":
+        envs = env_fns(cfg.env, o.sac.num_envs, seed=train_seed, first_slot=first_slot)
+        trainer: Any = SACTrainer(r.model, envs, o.sac, device=r.device, seed=cfg.seed,
+                                  offline_data=r.offline_data, dist=dist)
+    else:
+        envs = env_fns(cfg.env, o.ppo.num_envs, seed=train_seed, first_slot=first_slot)
+        trainer = PPOTrainer(r.model, envs, o.ppo, device=r.device, seed=cfg.seed, dist=dist)
+    try:
+        if keeper is not None:
+            keeper.start()
+        stats = trainer.train(o.total_timesteps, save_dir=RUN_DIR, checkpoint_key=r.key, callback=keeper)
     finally:
-        if eval_env is not None:
-            eval_env.close()
+        trainer.close()
+    selection = keeper.restore() if keeper is not None else None
+    if selection is not None:
+        log.info("online: keeping the weights of step %d (validation route completion %.3f)",
+                 selection["best_step"], selection["best_score"])
+    return trainer, stats, selection
 
-    if not dist.is_main:
-        dist.barrier()  # wait until rank 0 has written the checkpoint and the metrics
-        return {"paths": {"checkpoint": o.out}, "metrics": _from_rank0(dist, None)}
-    metrics = {
-        **{f"before_{k}": v for k, v in before.items() if k not in _NOT_SCALARS},
-        **{f"after_{k}": v for k, v in after.items() if k not in _NOT_SCALARS},
+
+def _evaluate_after(r: _Run) -> dict[str, Any]:
+    """The fine-tuned policy on the same held-out seeds as before (rank 0)."""
+    if not r.dist.is_main:
+        return {}
+    after = r.evaluate(r.cfg.online.eval_episodes, r.eval_seed)
+    log.info("online: after fine-tuning %s", _scalars(after))
+    return after
+
+
+def _report(r: _Run, before: dict[str, Any], after: dict[str, Any], selection: dict[str, Any] | None,
+            trainer: Any, train_stats: dict[str, float]) -> dict[str, Any]:
+    """The stage's metrics: both sides' figures, the paired gain, the selection, the run's size."""
+    return {
+        **{f"before_{k}": v for k, v in _scalars(before).items()},
+        **{f"after_{k}": v for k, v in _scalars(after).items()},
         **paired_gain(before, after),
-        "eval_episodes": o.eval_episodes,
+        "eval_episodes": r.cfg.online.eval_episodes,
         **({"selected_step": selection["best_step"], "selected_val_route_completion": selection["best_score"]}
            if selection is not None else {}),
         "timesteps": int(trainer.global_step),
         "steps_per_second": float(train_stats.get("steps_per_second", 0.0)),
-        "seconds": round(time.perf_counter() - t0, 2),
+        "seconds": round(time.perf_counter() - r.started, 2),
     }
-    save_checkpoint(model.cpu(), o.out, extra={"stage": "online", "algo": o.algo, "metrics": metrics,
-                                               "world_size": dist.world_size})
-    write_json(Path(cfg.metrics_dir) / "online.json", metrics)
-    dist.barrier()
-    return {"paths": {"checkpoint": o.out}, "metrics": _from_rank0(dist, metrics)}
 
 
-def _sac_dist_kwargs(dist: Distributed) -> dict[str, Any]:
-    """``{"dist": dist}`` where `SACTrainer` takes it; alone, nothing. Several ranks need it: without
-    it every rank would train a SAC of its own and all of them write the same run directory."""
-    from stages.rl.sac import SACTrainer
+def _write(r: _Run, metrics: dict[str, Any]) -> None:
+    """Rank 0 writes the checkpoint and the metrics; then the other ranks may read them."""
+    o = r.cfg.online
+    save_checkpoint(r.model.cpu(), o.out, extra={"stage": "online", "algo": o.algo, "metrics": metrics,
+                                                 "world_size": r.dist.world_size})
+    write_json(Path(r.cfg.metrics_dir) / "online.json", metrics)
+    r.dist.barrier()
 
-    if "dist" in inspect.signature(SACTrainer).parameters:
-        return {"dist": dist}
-    if dist.enabled:
-        raise RuntimeError(f"online.algo=sac under torchrun (world size {dist.world_size}): this SACTrainer "
-                           "takes no dist argument, so it cannot train data-parallel; run SAC as one process "
-                           "(python -m stages.online) or use online.algo=ppo")
-    return {}
+
+def _scalars(figures: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in figures.items() if k not in _NOT_SCALARS}
 
 
 def _from_rank0(dist: Distributed, value: Any) -> Any:
     """Rank 0's ``value`` on every rank (so every rank returns the same result)."""
     if not dist.enabled:
         return value
-    import torch.distributed
-
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]

@@ -35,7 +35,7 @@ from stages.common import resolve_device, seed_everything, stage_main, write_jso
 from stages.config import PipelineConfig
 from stages.data.shards import ShardedDataset, load_split_arrays, make_loader
 from stages.resume import ResumePoint, fingerprint
-from stages.training import TokenCache, encoder_parameters, load_or_init, save_checkpoint
+from stages.training import TokenCache, load_or_init, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def _init(cfg: PipelineConfig, dist: Distributed) -> _Training:
     val = load_split_arrays(cfg.data.built, "val", sources=sources, keys=("images", "captions"))
 
     model = load_or_init(cfg, upstream=None).to(device)
-    params = encoder_parameters(model)
+    params = model.encoder_parameters()
     optim = make_adamw(params, lr=p.learning_rate, weight_decay=p.weight_decay, device=device)
     t = _Training(cfg, dist, device, train_ds, loader, val, model, TokenCache(model), params, optim,
                   ResumePoint("pretrain", fingerprint(cfg.model, cfg.data, p, cfg.seed)))

@@ -16,14 +16,6 @@ from stages.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
-# Parameters of the two encoders and their contrastive projections (what stage 1 trains).
-ENCODER_PREFIXES = ("vision", "text", "image_projection", "text_projection", "logit_scale")
-
-
-def encoder_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in model.named_parameters() if n.startswith(ENCODER_PREFIXES)]
-
-
 def model_config(cfg: PipelineConfig) -> DrivingVLAConfig:
     m = cfg.model
     return DrivingVLAConfig.from_size(m.size, image_size=m.image_size, num_cameras=m.num_cameras,

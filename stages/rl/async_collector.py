@@ -37,17 +37,16 @@ import logging
 import queue
 import time
 import traceback
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
 import torch
-import torch.multiprocessing as mp
-from multiprocessing.connection import Connection, wait
 
 from stages.rl.buffers import RolloutBuffer
-from stages.rl.env_worker import close_workers, env_worker
 from stages.rl.policies import ObsAdapter
+from stages.rl.workers import EnvPipes, EnvWorkerError, EnvWorkers, start_context
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ __all__ = ["AsyncCollector", "CollectorError"]
 _POLL_S = 0.2
 
 
-class CollectorError(RuntimeError):
+class CollectorError(EnvWorkerError):
     """An env worker or the collector process failed; the message carries its traceback."""
 
 
@@ -64,76 +63,108 @@ class CollectorError(RuntimeError):
 # collector process: batched inference for whichever envs are ready, writes rollouts in place
 
 
-def _collector_main(conns: list[Connection], shared_model: torch.nn.Module, adapter: ObsAdapter,
-                    buffers: list[RolloutBuffer], free_q: Any, full_q: Any, version: Any, lock: Any,
-                    stop: Any, steps: Any, first_step: Any, rollout_len: int, gamma: float, seed: int) -> None:
+@dataclass
+class _Shared:
+    """What the learner and the collector process share (queues, counters, the published weights)."""
+    model: torch.nn.Module         # the behaviour weights, in shared memory
+    buffers: list[RolloutBuffer]   # the rollout slots, in shared memory
+    free: Any                      # slots the learner handed back
+    full: Any                      # ("rollout", slot, stats) or ("error", traceback)
+    version: Any                   # bumped by every publish
+    lock: Any                      # held while the weights are written or read
+    stop: Any
+    steps: Any                     # env steps closed so far
+    first_step: Any                # time.monotonic() of the first actions sent
+
+
+@dataclass
+class _Slot:
+    """A rollout buffer being filled, and what the learner gets with it."""
+    index: int                     # which of the shared buffers
+    episode_returns: list[float] = field(default_factory=list)   # episodes that ended in it
+    episode_completion: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)            # weight versions its actions came from
+    columns: int = 0               # envs whose rows in it are complete
+
+
+@dataclass
+class _Collection:
+    """The collector process's state: where each env's next row goes, and the slots being filled."""
+    num_envs: int
+    slots: list[_Slot] = field(default_factory=list)  # in the order the learner gets them
+    seq: list[int] = field(init=False)       # which entry of ``slots`` env i is writing
+    pos: list[int] = field(init=False)       # next row of env i in that slot
+    starts: np.ndarray = field(init=False)   # the observation env i holds starts an episode
+    ep_return: np.ndarray = field(init=False)
+    infer_seconds: float = 0.0               # inference time, batches and observations since the
+    batches: int = 0                         # last rollout went out (for its statistics)
+    observations: int = 0
+
+    def __post_init__(self) -> None:
+        n = self.num_envs
+        self.seq, self.pos = [0] * n, [0] * n
+        self.starts = np.ones(n, dtype=bool)
+        self.ep_return = np.zeros(n, dtype=np.float64)
+
+    def timing(self) -> dict[str, float]:
+        """The inference statistics of the rollout that goes out now; counting starts again."""
+        out = {"inference_ms": 1000 * self.infer_seconds / max(1, self.batches),
+               "inference_batch": self.observations / max(1, self.batches)}
+        self.infer_seconds, self.batches, self.observations = 0.0, 0, 0
+        return out
+
+
+def _collector_main(pipes: EnvPipes, shared: _Shared, adapter: ObsAdapter, rollout_len: int, gamma: float,
+                    seed: int) -> None:
     torch.set_num_threads(1)
     try:
-        _collect(conns, shared_model, adapter, buffers, free_q, full_q, version, lock, stop, steps, first_step,
-                 rollout_len, gamma, seed)
+        _collect(pipes, shared, adapter, rollout_len, gamma, seed)
     except _Stopped:
         pass
     except Exception:  # noqa: BLE001 - handed to the learner, which raises it
-        full_q.put(("error", traceback.format_exc()))
+        shared.full.put(("error", traceback.format_exc()))
 
 
 class _Stopped(Exception):
     pass
 
 
-def _recv(conn: Connection) -> Any:
-    status, payload = conn.recv()
-    if status != "ok":
-        raise CollectorError(f"env worker failed:\n{payload}")
-    return payload
-
-
-def _collect(conns, shared_model, adapter, buffers, free_q, full_q, version, lock, stop, steps, first_step,
-             rollout_len, gamma, seed) -> None:
-    n = len(conns)
-    model = copy.deepcopy(shared_model).eval()
+def _collect(pipes: EnvPipes, shared: _Shared, adapter: ObsAdapter, rollout_len: int, gamma: float,
+             seed: int) -> None:
+    n = pipes.num_envs
+    model = copy.deepcopy(shared.model).eval()
     adapter.bind(model)
     policy = adapter.policy(model)
     local_version = -1
-    index = {id(c): i for i, c in enumerate(conns)}
-
-    slot_seq: list[int] = []                 # buffer slots in the order the learner gets them
-    slot_info: list[dict[str, Any]] = []     # per slot: episodes that ended in it, versions used, columns done
-    seq = [0] * n                            # which entry of slot_seq env i is writing
-    pos = [0] * n                            # next row of env i in that slot
-    starts = np.ones(n, dtype=bool)          # the observation env i holds starts an episode
-    ep_return = np.zeros(n, dtype=np.float64)
-    timing = [0.0, 0, 0]                     # inference seconds, batches, observations (for the stats)
+    state = _Collection(n)
+    seq, pos, starts, ep_return = state.seq, state.pos, state.starts, state.ep_return
 
     def slot(k: int) -> RolloutBuffer:
-        while len(slot_seq) <= k:
+        while len(state.slots) <= k:
             while True:  # wait for the learner to hand a buffer back (backpressure)
-                if stop.is_set():
+                if shared.stop.is_set():
                     raise _Stopped
                 try:
-                    s = free_q.get(timeout=_POLL_S)
+                    s = shared.free.get(timeout=_POLL_S)
                     break
                 except queue.Empty:
                     continue
-            slot_seq.append(s)
-            slot_info.append({"episode_returns": [], "episode_completion": [], "versions": [], "columns": 0})
-        return buffers[slot_seq[k]]
+            state.slots.append(_Slot(s))
+        return shared.buffers[state.slots[k].index]
 
-    for i, c in enumerate(conns):
-        c.send(("reset", seed + i))
-    new_obs = {i: _recv(c) for i, c in enumerate(conns)}
+    new_obs = dict(enumerate(pipes.reset(seed)))
     results: dict[int, tuple] = {}
     ready = list(range(n))
 
-    while not stop.is_set():
+    while not shared.stop.is_set():
         # Buffers first: waiting for the learner to free one must happen *before* inference, so the
         # actions come from the newest weights once it does (the lag stays at most one update).
         for i in ready:
             slot(seq[i] + int(i in results and pos[i] + 1 == rollout_len))
-        if version.value != local_version:
-            with lock:
-                model.load_state_dict(shared_model.state_dict())
-                local_version = version.value
+        if shared.version.value != local_version:
+            with shared.lock:
+                model.load_state_dict(shared.model.state_dict())
+                local_version = shared.version.value
 
         # One forward pass: actions for the ready envs, values of truncated episodes' final observations.
         boot = [i for i in ready if i in results and results[i][3] and not results[i][2] and results[i][4] is not None]
@@ -143,9 +174,9 @@ def _collect(conns, shared_model, adapter, buffers, free_q, full_q, version, loc
             fields = adapter.encode(adapter.stack(batch))
             inputs = adapter.model_inputs({k: torch.from_numpy(v) for k, v in fields.items()})
             action, log_prob, value = policy.act(*inputs)
-        timing[0] += time.perf_counter() - t_infer
-        timing[1] += 1
-        timing[2] += len(ready)
+        state.infer_seconds += time.perf_counter() - t_infer
+        state.batches += 1
+        state.observations += len(ready)
         actions = action.float().numpy()
         log_probs, values = log_prob.float().numpy(), value.float().numpy()
         boot_value = dict(zip(boot, values[len(ready):]))
@@ -153,36 +184,33 @@ def _collect(conns, shared_model, adapter, buffers, free_q, full_q, version, loc
         # so steps_taken never lags a rollout the learner already holds.
         closed = sum(1 for i in ready if i in results)
         if closed:
-            with steps.get_lock():
-                steps.value += closed
+            with shared.steps.get_lock():
+                shared.steps.value += closed
 
         for j, i in enumerate(ready):
             if i in results:  # close the step env i just took
                 _, reward, terminated, truncated, final = results[i]
                 k = seq[i]
-                buf = slot(k)
+                buf, info = slot(k), state.slots[k]
                 buf.rewards[pos[i], i] = reward + gamma * boot_value.get(i, 0.0)
                 ep_return[i] += reward
                 done = terminated or truncated
                 if done:
-                    slot_info[k]["episode_returns"].append(float(ep_return[i]))
-                    info = final[1] if final is not None else {}
-                    slot_info[k]["episode_completion"].append(float(info.get("route_completion", 0.0)))
+                    info.episode_returns.append(float(ep_return[i]))
+                    final_info = final[1] if final is not None else {}
+                    info.episode_completion.append(float(final_info.get("route_completion", 0.0)))
                     ep_return[i] = 0.0
                 starts[i] = done
                 pos[i] += 1
                 if pos[i] == rollout_len:  # env i's column is complete: bootstrap, move to the next slot
                     buf.last_values[i], buf.last_dones[i] = values[j], done
-                    slot_info[k]["columns"] += 1
-                    if slot_info[k]["columns"] == n:
-                        info = slot_info[k]
-                        full_q.put(("rollout", slot_seq[k], {
-                            "episode_returns": info["episode_returns"],
-                            "episode_completion": info["episode_completion"],
-                            "oldest_version": min(info["versions"]), "newest_version": max(info["versions"]),
-                            "inference_ms": 1000 * timing[0] / max(1, timing[1]),
-                            "inference_batch": timing[2] / max(1, timing[1])}))
-                        timing[:] = [0.0, 0, 0]
+                    info.columns += 1
+                    if info.columns == n:
+                        shared.full.put(("rollout", info.index, {
+                            "episode_returns": info.episode_returns,
+                            "episode_completion": info.episode_completion,
+                            "oldest_version": min(info.versions), "newest_version": max(info.versions),
+                            **state.timing()}))
                     seq[i], pos[i] = k + 1, 0
             k = seq[i]
             buf = slot(k)  # may wait for a free buffer
@@ -191,18 +219,17 @@ def _collect(conns, shared_model, adapter, buffers, free_q, full_q, version, loc
                 buf.obs[name][t, i] = arr[j]
             buf.actions[t, i], buf.log_probs[t, i], buf.values[t, i] = actions[j], log_probs[j], values[j]
             buf.dones[t, i] = starts[i]
-            slot_info[k]["versions"].append(local_version)
-            conns[i].send(("step", actions[j]))
-        if first_step.value == 0.0:
-            first_step.value = time.monotonic()
+            state.slots[k].versions.append(local_version)
+            pipes.send(i, actions[j])
+        if shared.first_step.value == 0.0:
+            shared.first_step.value = time.monotonic()
 
         ready, results = [], {}
         while not ready:
-            if stop.is_set():
+            if shared.stop.is_set():
                 raise _Stopped
-            for c in wait(conns, timeout=_POLL_S):
-                i = index[id(c)]
-                obs, reward, terminated, truncated, final = _recv(c)
+            for i in pipes.ready(_POLL_S):
+                obs, reward, terminated, truncated, final = pipes.recv(i)
                 new_obs[i] = obs
                 results[i] = (obs, reward, terminated, truncated, final)
                 ready.append(i)
@@ -224,73 +251,55 @@ class AsyncCollector:
     def __init__(self, env_fns: list[Callable[[], gym.Env]], context: str | None = None) -> None:
         if not env_fns:
             raise ValueError("AsyncCollector needs at least one env constructor")
-        # fork is unsafe once torch has started its thread pools: forkserver (default; one fresh
-        # process imports the modules once and forks the workers) or spawn.
-        self._ctx = mp.get_context(context if context in ("spawn", "forkserver") else "forkserver")
+        self._ctx = start_context(context)
+        self._context = context
         self.env_fns = list(env_fns)
         self.num_envs = len(self.env_fns)
-        self._conns: list[Connection] = []
-        self._workers: list[Any] = []
+        self._workers: EnvWorkers | None = None
         self._proc: Any = None
-        self._buffers: list[RolloutBuffer] = []
+        self._shared: _Shared | None = None
+        self._held: dict[int, int] = {}
         self._spawn_workers()
 
-    # -- workers --------------------------------------------------------------------------------
     def _spawn_workers(self) -> None:
-        spaces = []
-        for fn in self.env_fns:
-            parent, child = self._ctx.Pipe()
-            proc = self._ctx.Process(target=env_worker, args=(child, fn), daemon=True, name="env-worker")
-            proc.start()
-            child.close()
-            self._conns.append(parent)
-            self._workers.append(proc)
         try:
-            for conn in self._conns:
-                spaces.append(_recv(conn))
-        except BaseException:
-            self._close_workers()
-            raise
-        self.observation_space, self.action_space = spaces[0]
-
-    def _close_workers(self) -> None:
-        close_workers(self._conns, self._workers)
-        self._conns, self._workers = [], []
+            self._workers = EnvWorkers(self.env_fns, context=self._context)
+        except EnvWorkerError as exc:
+            raise CollectorError(str(exc)) from exc
+        self.observation_space = self._workers.single_observation_space
+        self.action_space = self._workers.single_action_space
 
     # -- collecting -----------------------------------------------------------------------------
     def start(self, model: torch.nn.Module, adapter: ObsAdapter, rollout_len: int, action_dim: int,
               gamma: float, seed: int = 0, num_slots: int = 2) -> None:
         if self._proc is not None:
             raise RuntimeError("the collector is already running")
-        if not self._workers:
+        if self._workers is None:
             self._spawn_workers()
         ctx = self._ctx
-        self._rollout_len = rollout_len
-        self._shared = copy.deepcopy(model).cpu().eval()
-        for p in self._shared.parameters():
+        behaviour = copy.deepcopy(model).cpu().eval()
+        for p in behaviour.parameters():
             p.requires_grad_(False)
-        self._shared.share_memory()
-        if not self._buffers or self._buffers[0].num_steps != rollout_len or len(self._buffers) != num_slots:
-            self._buffers = [RolloutBuffer(rollout_len, self.num_envs, adapter.fields(), action_dim, shared=True)
-                             for _ in range(num_slots)]
-        self._free, self._full = ctx.Queue(), ctx.Queue()
+        behaviour.share_memory()
+        buffers = self._shared.buffers if self._shared is not None else []
+        if not buffers or buffers[0].num_steps != rollout_len or len(buffers) != num_slots:
+            buffers = [RolloutBuffer(rollout_len, self.num_envs, adapter.fields(), action_dim, shared=True)
+                       for _ in range(num_slots)]
+        self._shared = _Shared(behaviour, buffers, free=ctx.Queue(), full=ctx.Queue(), version=ctx.Value("i", 0),
+                               lock=ctx.Lock(), stop=ctx.Event(), steps=ctx.Value("q", 0),
+                               first_step=ctx.Value("d", 0.0))
         for s in range(num_slots):
-            self._free.put(s)
-        self._version, self._lock, self._stop = ctx.Value("i", 0), ctx.Lock(), ctx.Event()
-        self._steps = ctx.Value("q", 0)
-        self._first_step = ctx.Value("d", 0.0)
-        self._held: dict[int, int] = {}
-        self._proc = ctx.Process(
-            target=_collector_main, name="rollout-collector", daemon=True,
-            args=(self._conns, self._shared, adapter, self._buffers, self._free, self._full, self._version,
-                  self._lock, self._stop, self._steps, self._first_step, rollout_len, gamma, seed))
+            self._shared.free.put(s)
+        self._held = {}
+        self._proc = ctx.Process(target=_collector_main, name="rollout-collector", daemon=True,
+                                 args=(self._workers.pipes, self._shared, adapter, rollout_len, gamma, seed))
         self._proc.start()
 
     def get(self) -> tuple[RolloutBuffer, dict[str, Any]]:
         """The next full rollout (blocks) and its statistics; hand it back with :meth:`release`."""
         while True:
             try:
-                msg = self._full.get(timeout=1.0)
+                msg = self._shared.full.get(timeout=1.0)
                 break
             except queue.Empty:
                 if not self._proc.is_alive():
@@ -298,48 +307,50 @@ class AsyncCollector:
         if msg[0] == "error":
             raise CollectorError(msg[1])
         _, slot, stats = msg
-        buffer = self._buffers[slot]
+        buffer = self._shared.buffers[slot]
         self._held[id(buffer)] = slot
-        stats["policy_lag"] = float(self._version.value - stats.pop("oldest_version"))
+        stats["policy_lag"] = float(self._shared.version.value - stats.pop("oldest_version"))
         stats.pop("newest_version")
         return buffer, stats
 
     def publish(self, model: torch.nn.Module) -> None:
         """Make ``model``'s current weights the behaviour policy of the next inferences."""
         source = model.state_dict()
-        with self._lock:
+        with self._shared.lock:
             with torch.no_grad():
-                for name, tensor in self._shared.state_dict().items():
+                for name, tensor in self._shared.model.state_dict().items():
                     tensor.copy_(source[name])
-            self._version.value += 1
+            self._shared.version.value += 1
 
     def release(self, buffer: RolloutBuffer) -> None:
-        self._free.put(self._held.pop(id(buffer)))
+        self._shared.free.put(self._held.pop(id(buffer)))
 
     @property
     def steps_taken(self) -> int:
         """Env steps completed by the workers since :meth:`start` (used and in flight)."""
-        return int(self._steps.value) if self._proc is not None else 0
+        return int(self._shared.steps.value) if self._proc is not None else 0
 
     @property
     def first_step_time(self) -> float | None:
         """``time.monotonic()`` when the first actions went to the envs (None before)."""
-        value = float(self._first_step.value) if self._proc is not None else 0.0
+        value = float(self._shared.first_step.value) if self._proc is not None else 0.0
         return value or None
 
     def stop(self) -> None:
         """End the collector process and the env workers; in-flight steps are dropped."""
         if self._proc is not None:
-            self._stop.set()
+            self._shared.stop.set()
             self._proc.join(timeout=10)
             if self._proc.is_alive():
                 self._proc.terminate()
                 self._proc.join(timeout=1)
             self._proc = None
-            for q in (self._free, self._full):
+            for q in (self._shared.free, self._shared.full):
                 q.cancel_join_thread()
                 q.close()
-        self._close_workers()
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
 
     close = stop
 

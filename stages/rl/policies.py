@@ -323,6 +323,17 @@ class MLPActorCritic(nn.Module):
     def set_log_std(self, value: float) -> None:
         self.log_std.fill_(float(value))
 
+    # Parameter groups as `DrivingVLA` names them; there are no encoders and no shared trunk.
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"encoders": [], "actor": [*self.policy_head.parameters(), self.log_std],
+                "critic": list(self.value_head.parameters()), "trunk": []}
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def freeze_encoders(self) -> int:
+        return 0
+
     def compute_features(self, obs: Tensor) -> Tensor:
         return obs.float().flatten(1)
 

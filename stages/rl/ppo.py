@@ -1,14 +1,14 @@
 """PPO (clipped surrogate, GAE, value clipping), written to be read top to bottom.
 
 ``PPOTrainer(model, env, config).train(total_timesteps, save_dir)`` as in the seed document.
-Rollout collection is separate from the update (:meth:`PPOTrainer.update`), as in Stable-Baselines3,
-and comes in two kinds:
+Rollout collection is separate from the update (:meth:`PPOTrainer.update`), as in Stable-Baselines3:
+the trainer is handed a collector (`stages.rl.collectors`) of one of two kinds:
 
-- synchronous (:meth:`PPOTrainer.collect_rollouts`): the trainer steps a gymnasium vector env, then
+- synchronous (`VectorRollouts`): the trainer's process steps a gymnasium vector env, then
   updates; simple and exactly on-policy;
-- asynchronous (``config.async_collection``, needs env *constructors*): env workers in their own
-  processes keep stepping with the previous policy while the learner updates
-  (`stages.rl.async_collector`). Each rollout is at most one update behind the learner; PPO's
+- asynchronous (`AsyncRollouts`, ``config.async_collection``, needs env *constructors*): env
+  workers in their own processes keep stepping with the previous policy while the learner
+  updates (`stages.rl.async_collector`). Each rollout is at most one update behind the learner; PPO's
   ratio against the stored behaviour log-probabilities corrects for it. This is what keeps slow
   simulators (CARLA at 25 FPS) busy: the update no longer stalls them.
 
@@ -41,7 +41,7 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -51,14 +51,10 @@ from tqdm.auto import tqdm
 from stages.accel import Distributed, maybe_compile
 from stages.rl.buffers import RolloutBuffer
 from stages.rl.checkpoint import TrainingCheckpoint, capture_rng, restore_rng
-from stages.rl.scalars import ScalarWriter
+from stages.rl.collectors import AsyncRollouts, VectorRollouts, make_rollout_collector
 from stages.rl.configs import PPOConfig
+from stages.rl.scalars import ScalarWriter
 from stages.rl.policies import ObsAdapter, make_obs_adapter
-from stages.rl.vector import as_vector_env, final_obs, final_values, vector_env_from_fns
-from stages.training import ENCODER_PREFIXES
-
-# What the critic warm-up trains: the value head and, where the model has one, the critic's fusion.
-CRITIC_PREFIXES = ("value_head", "critic_fusion")
 
 log = logging.getLogger(__name__)
 
@@ -97,26 +93,10 @@ class PPOTrainer:
             # The model is built already (alike on every rank): from here on each rank samples
             # exploration noise of its own.
             torch.manual_seed(self.seed)
-        self.env_fns: list[Callable[[], gym.Env]] | None = None
-        self.env: gym.vector.VectorEnv | None = None
-        self._collector: Any = None
-        if _is_env_fns(env):
-            self.env_fns = list(env)
-            if cfg.async_collection:
-                from stages.rl.async_collector import AsyncCollector
-
-                self._collector = AsyncCollector(self.env_fns, context=cfg.start_method)
-                obs_space, act_space = self._collector.observation_space, self._collector.action_space
-            else:
-                self.env = vector_env_from_fns(self.env_fns, context=cfg.start_method)
-        elif cfg.async_collection:
-            raise ValueError("async_collection needs env constructors (e.g. stages.envs.factory.env_fns(cfg, n)), "
-                             "not a built env: the collector starts the envs in its own worker processes")
-        else:
-            self.env = as_vector_env(env)
-        if self.env is not None:
-            obs_space, act_space = self.env.single_observation_space, self.env.single_action_space
-        self.num_envs = len(self.env_fns) if self._collector is not None else self.env.num_envs
+        self.collector = make_rollout_collector(env, cfg.async_collection, context=cfg.start_method)
+        self.env: gym.vector.VectorEnv | None = getattr(self.collector, "env", None)  # when it is a vector env
+        obs_space, act_space = self.collector.observation_space, self.collector.action_space
+        self.num_envs = self.collector.num_envs
         if cfg.num_steps % self.num_envs:
             raise ValueError(f"num_steps ({cfg.num_steps}) must be a multiple of the number of envs ({self.num_envs})")
         if cfg.num_envs != self.num_envs:
@@ -136,14 +116,10 @@ class PPOTrainer:
             self.model.set_log_std(cfg.init_log_std)
             log.info("ppo: policy log-std set to %.2f (std %.3f)", cfg.init_log_std, float(np.exp(cfg.init_log_std)))
         if cfg.freeze_encoders:
-            frozen = 0
-            for name, p in self.model.named_parameters():
-                if name.startswith(ENCODER_PREFIXES):
-                    p.requires_grad_(False)
-                    frozen += p.numel()
-            log.info("ppo: froze %d encoder parameters", frozen)
-        self._non_value_params = [p for n, p in self.model.named_parameters()
-                                  if p.requires_grad and not n.startswith(CRITIC_PREFIXES)]
+            log.info("ppo: froze %d encoder parameters", self.model.freeze_encoders())
+        # What the critic warm-up holds still: everything that trains but the critic's own parameters.
+        critic = {id(p) for p in self.model.parameter_groups()["critic"]}
+        self._non_value_params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in critic]
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
                                           lr=cfg.learning_rate, eps=1e-5)
         self.rng = np.random.default_rng(self.seed)
@@ -151,51 +127,22 @@ class PPOTrainer:
         self.updates = 0
         self.episode_returns: deque[float] = deque(maxlen=50)
         self.episode_completion: deque[float] = deque(maxlen=50)
-        self._obs: Any = None
-        self._dones = np.zeros(self.num_envs, dtype=bool)
-        self._ep_return = np.zeros(self.num_envs, dtype=np.float64)
 
-    # -- rollout (synchronous) ------------------------------------------------------------------
-    @torch.no_grad()
-    def _values_of(self, observations: list[Any]) -> np.ndarray:
-        """Critic values of single (unbatched) observations, e.g. the final ones of truncated episodes."""
-        return self.policy(*self.adapter.to_inputs(self.adapter.stack(observations), self.device)).value.float().cpu().numpy()
+    # -- rollouts (what the collector asks of the trainer: `stages.rl.collectors.RolloutAgent`) --
+    def reset_seed(self) -> int:
+        # A resumed run starts new episodes from a seed of its own, not the first run's.
+        return self.seed + 7919 * self.updates
 
-    @torch.no_grad()
+    def end_episode(self, episode_return: float, completion: float) -> None:
+        self.episode_returns.append(episode_return)
+        self.episode_completion.append(completion)
+
     def collect_rollouts(self, buffer: RolloutBuffer) -> None:
-        """Fill ``buffer`` with ``rollout_len`` steps of every env, then compute GAE."""
-        cfg = self.config
-        self.model.eval()
-        if self._obs is None:
-            # A resumed run starts new episodes from a seed of its own, not the first run's.
-            self._obs, _ = self.env.reset(seed=self.seed + 7919 * self.updates)
-            self._dones[:] = False
-            self._ep_return[:] = 0.0
-        buffer.reset()
-        while not buffer.full:
-            fields = self.adapter.encode(self._obs)
-            inputs = self.adapter.model_inputs({k: torch.as_tensor(v, device=self.device) for k, v in fields.items()})
-            action, log_prob, value = self.policy.act(*inputs)
-            actions = action.cpu().numpy()
-            next_obs, reward, terminated, truncated, infos = self.env.step(actions)
-            reward = np.asarray(reward, dtype=np.float32).copy()
-            terminated, truncated = np.asarray(terminated, bool), np.asarray(truncated, bool)
-            self._ep_return += reward
-            done = terminated | truncated
-            # Time-limit truncation: the episode did not really end, so bootstrap from V(s_T).
-            cut = [i for i in np.flatnonzero(truncated & ~terminated) if final_obs(infos, i) is not None]
-            if cut:
-                reward[cut] += cfg.gamma * self._values_of([final_obs(infos, i) for i in cut])
-            for i in np.flatnonzero(done):
-                self.episode_returns.append(float(self._ep_return[i]))
-                self.episode_completion.append(float(final_values(infos, "route_completion", i, 0.0)))
-                self._ep_return[i] = 0.0
-            buffer.add(fields, actions, log_prob.float().cpu().numpy(), value.float().cpu().numpy(), reward,
-                       self._dones)
-            self._obs, self._dones = next_obs, done
-            self.global_step += self.num_envs * self.dist.world_size  # every rank steps alike
-        last_value = self.policy(*self.adapter.to_inputs(self._obs, self.device)).value.float().cpu().numpy()
-        buffer.finish(last_value, self._dones, cfg.gamma, cfg.gae_lambda)
+        """Fill ``buffer`` with ``rollout_len`` steps of every env of a vector env, then compute GAE."""
+        if not isinstance(self.collector, VectorRollouts):
+            raise TypeError("collect_rollouts steps a vector env; with async_collection the collector does")
+        self.collector.fill(self, buffer, self.config.gamma, self.config.gae_lambda)
+        self.global_step += buffer.num_steps * self.num_envs * self.dist.world_size  # every rank steps alike
 
     # -- update ---------------------------------------------------------------------------------
     def update(self, buffer: RolloutBuffer) -> dict[str, float]:
@@ -292,7 +239,7 @@ class PPOTrainer:
             # The checkpoint holds rank 0's generators: each rank goes on with streams of its own.
             torch.manual_seed(self.seed + 7919 * self.updates)
             self.rng = np.random.default_rng([self.seed, self.updates])
-        self._obs = None  # environments cannot be restored: new episodes start on the next rollout
+        self.collector.restart()  # environments cannot be restored: new episodes start on the next rollout
 
     # -- loop -----------------------------------------------------------------------------------
     def train(self, total_timesteps: int, save_dir: str | Path | None = None,
@@ -321,40 +268,22 @@ class PPOTrainer:
         bar = tqdm(total=total_timesteps, initial=min(self.global_step, total_timesteps), desc="ppo", unit="step",
                    disable=None if self.dist.is_main else True)
         stats: dict[str, float] = {}
-        buffer = None
         threads_before = torch.get_num_threads()
         torch.set_num_threads(self._learner_threads())
         try:
-            if self._collector is not None:
-                self._collector.start(self.model, self.adapter, self.rollout_len, self.action_dim, cfg.gamma,
-                                      seed=self.seed + 7919 * self.updates, num_slots=cfg.async_slots)
-            else:
-                buffer = RolloutBuffer(self.rollout_len, self.num_envs, self.adapter.fields(), self.action_dim)
+            self.collector.start(self, cfg.gamma, cfg.gae_lambda, num_slots=cfg.async_slots)
             while self.global_step < total_timesteps:
                 if cfg.anneal_lr:
                     frac = 1.0 - self.global_step / total_timesteps
                     for group in self.optimizer.param_groups:
                         group["lr"] = frac * cfg.learning_rate
                 before = self.global_step
-                roll: dict[str, float] = {}
-                if self._collector is None:
-                    self.collect_rollouts(buffer)
-                    t_update = time.perf_counter()
-                    stats = self.update(buffer)
-                    stats["update_seconds"] = time.perf_counter() - t_update
-                else:
-                    buffer, roll = self._collector.get()
-                    buffer.compute_advantages(cfg.gamma, cfg.gae_lambda)
-                    self.episode_returns.extend(roll.pop("episode_returns"))
-                    self.episode_completion.extend(roll.pop("episode_completion"))
-                    self.global_step += self.rollout_len * self.num_envs * self.dist.world_size
-                    t_update = time.perf_counter()
-                    stats = self.update(buffer)
-                    stats["update_seconds"] = time.perf_counter() - t_update
-                    self._collector.publish(self.model)
-                    self._collector.release(buffer)
-                    roll["env_steps"] = float(self._collector.steps_taken)
-                    roll["env_seconds"] = time.monotonic() - (self._collector.first_step_time or time.monotonic())
+                buffer, roll = self.collector.rollout(self)
+                self.global_step += self.rollout_len * self.num_envs * self.dist.world_size  # every rank steps alike
+                t_update = time.perf_counter()
+                stats = self.update(buffer)
+                stats["update_seconds"] = time.perf_counter() - t_update
+                roll.update(self.collector.release(self, buffer))
                 stats.update(roll)
                 stats["steps_per_second"] = (self.global_step - start_step) / (time.perf_counter() - start)
                 stats = self._mean_over_ranks(stats)
@@ -380,8 +309,7 @@ class PPOTrainer:
             bar.close()
             if writer is not None:
                 writer.close()
-            if self._collector is not None:
-                self._collector.stop()
+            self.collector.stop()
         return stats
 
     def _join_ranks(self) -> None:
@@ -425,22 +353,15 @@ class PPOTrainer:
     def _learner_threads(self) -> int:
         if self.config.learner_threads is not None:
             return self.config.learner_threads
-        if self._collector is not None:
+        if isinstance(self.collector, AsyncRollouts):
             # Oversubscribed OpenMP pools spin against each other: leave the collector a core.
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             return max(1, min(torch.get_num_threads(), cores - 1))
         return torch.get_num_threads()
 
     def close(self) -> None:
-        """Stop the collector's or the vector env's worker processes."""
-        if self._collector is not None:
-            self._collector.close()
-        if self.env is not None and self.env_fns is not None:
-            self.env.close()  # built here from constructors: ours to close
-
-
-def _is_env_fns(env: Any) -> bool:
-    return isinstance(env, Sequence) and not isinstance(env, (str, bytes)) and all(callable(f) for f in env)
+        """Stop the env processes this trainer started (the collector's, or a vector env's it built)."""
+        self.collector.close()
 
 
 def _summary_writer(save_dir: str | Path | None) -> Any:

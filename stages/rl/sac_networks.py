@@ -49,6 +49,16 @@ class MLPActor(nn.Module):
         act_space = getattr(env, "single_action_space", env.action_space)
         return cls(int(np.prod(obs_space.shape)), act_space.low, act_space.high, hidden_dim, num_layers)
 
+    # Parameter groups as `DrivingVLA` names them: the policy head is all there is.
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"encoders": [], "actor": list(self.policy_head.parameters()), "critic": [], "trunk": []}
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def freeze_encoders(self) -> int:
+        return 0
+
     def compute_features(self, obs: Tensor) -> Tensor:
         return obs.float().flatten(1)
 

@@ -1,7 +1,7 @@
 """Glue between gymnasium envs and the batched policy: vector envs, observations → tensors."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -50,3 +50,8 @@ def vector_env_from_fns(env_fns: list[Callable[[], gym.Env]], context: str | Non
     if len(env_fns) == 1:
         return gym.vector.SyncVectorEnv(env_fns, autoreset_mode=mode)
     return gym.vector.AsyncVectorEnv(env_fns, shared_memory=False, autoreset_mode=mode, context=context)
+
+
+def is_env_fns(env: Any) -> bool:
+    """Whether ``env`` is a sequence of env constructors (rather than a built env)."""
+    return isinstance(env, Sequence) and not isinstance(env, (str, bytes)) and all(callable(f) for f in env)

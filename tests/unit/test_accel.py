@@ -21,7 +21,7 @@ from stages.config import build_config
 from stages.offline import accumulate_gradients, fp32_forward, iql_config
 from stages.pretrain import contrastive_step, make_embed
 from stages.rl.iql import IQLCritic
-from stages.training import ENCODER_PREFIXES, TokenCache, encoder_parameters
+from stages.training import TokenCache
 
 BATCH = 13          # odd: ranks and micro-batches of unequal sizes
 WORLD = 2
@@ -88,9 +88,9 @@ def pretrain_gradients(batch: dict, steps: int, dist: Distributed) -> dict[str, 
     model = tiny_model()
     loss = contrastive_step(model, make_embed(model, "cpu", False), batch, global_batch()["caption"],
                             TokenCache(model), "cpu", dist, steps)
-    dist.average_gradients(encoder_parameters(model))     # what stage 1 trains
+    dist.average_gradients(model.encoder_parameters())     # what stage 1 trains
     return {"__loss": loss.reshape(1), **{n: p.grad.clone() for n, p in model.named_parameters()
-                                         if n.startswith(ENCODER_PREFIXES)}}
+                                         if n.startswith(model.ENCODER_MODULES)}}
 
 
 def assert_same_gradients(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:

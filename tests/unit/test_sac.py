@@ -16,7 +16,8 @@ from stages.rl.configs import SACConfig
 from stages.rl.replay import ReplayBatch
 from stages.rl.sac import SACTrainer
 from stages.rl.sac_networks import MLPActor
-from stages.training import ENCODER_PREFIXES
+
+ENCODER_PREFIXES = DrivingVLA.ENCODER_MODULES  # the model names its encoders
 
 IMAGE = 32
 
@@ -205,7 +206,7 @@ def test_frozen_parts_are_stored_once_and_give_the_models_own_features(env):
         assert trainer.storage == storage and set(trainer.buffer.fields) == fields
         batch = trainer.adapter.batch_one(obs)
         with torch.no_grad():
-            stored = trainer._compute_features(*trainer._inputs(trainer._encode(batch)))
+            stored = trainer._compute_features(*trainer._inputs(trainer.encode(batch)))
             direct = model.compute_features(*make_obs_adapter(model, env.observation_space).to_inputs(batch, "cpu"))
         torch.testing.assert_close(stored, direct, rtol=1e-4, atol=1e-5)
 
