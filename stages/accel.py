@@ -11,10 +11,12 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
+
+from stages.common import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +301,15 @@ def distributed(device: str) -> Iterator[Distributed]:
         yield dist
     finally:
         shutdown_distributed()
+
+
+T = TypeVar("T")
+
+
+def run_on_ranks(cfg: Any, body: Callable[[Any, Distributed], T]) -> T:
+    """A stage's ``run``: ``body(cfg, dist)`` on this process, or as one rank of a ``torchrun`` job."""
+    with distributed(resolve_device(cfg.device)) as dist:
+        return body(cfg, dist)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

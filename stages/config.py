@@ -70,6 +70,13 @@ class DataParams(_Strict):
 
 
 class _Accumulates(_Strict):
+    """What every gradient-descent stage (pretrain, offline) shares: compilation and accumulation."""
+
+    compile: bool | None = Field(None, description="torch.compile the train step's forward and backward; "
+                                                   "None: on for CUDA, off on CPU (compile time dwarfs a small run)")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimiser step: batch_size is split "
+                                                       "into this many, so a large batch fits in GPU memory")
+
     @model_validator(mode="after")
     def _accumulation_divides(self):
         batch, steps = getattr(self, "batch_size"), getattr(self, "grad_accum_steps")
@@ -86,10 +93,6 @@ class PretrainParams(_Accumulates):
     weight_decay: float = Field(0.05, ge=0)
     caption_sources: list[Literal["sim", "nuscenes"]] = Field(["sim", "nuscenes"], min_length=1,
                                                               description="whose captions to align")
-    compile: bool | None = Field(None, description="torch.compile the train step's forward and backward; "
-                                                   "None: on for CUDA, off on CPU (compile time dwarfs a small run)")
-    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimiser step: batch_size is split "
-                                                       "into this many, so a large batch fits in GPU memory")
 
 
 class OfflineParams(_Accumulates):
@@ -117,10 +120,6 @@ class OfflineParams(_Accumulates):
                                                               "offline log-likelihoods (squashed Gaussian)")
     encoder_lr_scale: float = Field(0.3, ge=0, description="learning rate of the pretrained encoders, "
                                                           "relative to learning_rate")
-    compile: bool | None = Field(None, description="torch.compile the train step's forward and backward; "
-                                                   "None: on for CUDA, off on CPU (compile time dwarfs a small run)")
-    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimiser step: batch_size is split "
-                                                       "into this many, so a large batch fits in GPU memory")
 
 
 # The online stage's own defaults for its learners, where they differ from the learners' class

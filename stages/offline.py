@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from models.distributions import ACTION_HIGH, ACTION_LOW
 from models.driving_vla import DrivingVLAOutput
-from stages.accel import (Distributed, autocast, batch_size_of, configure_backends, distributed, make_adamw,
+from stages.accel import (Distributed, autocast, batch_size_of, configure_backends, make_adamw, run_on_ranks,
                           maybe_compile, micro_batches, to_device)
 from stages.checkpoint import restore, snapshot
 from stages.common import resolve_device, seed_everything, stage_main, write_json
@@ -229,12 +229,6 @@ def accumulate_gradients(forward, model, critic: IQLCritic | None, batch: dict[s
     return logged
 
 
-def run(cfg: PipelineConfig) -> dict[str, Any]:
-    """Train on this process, or as one rank of a ``torchrun`` job (data parallel, rank 0 writes)."""
-    with distributed(resolve_device(cfg.device)) as dist:
-        return _run(cfg, dist)
-
-
 @dataclass
 class _Training:
     """What the phases of one offline run share."""
@@ -309,7 +303,8 @@ def _init(cfg: PipelineConfig, dist: Distributed) -> _Training:
                             device=device)
 
     model = load_or_init(cfg, upstream=cfg.pretrain.out).to(device)
-    critic = IQLCritic(model.config.hidden_dim, model.action_low.cpu(), model.action_high.cpu()).to(device) if use_iql else None
+    critic = (IQLCritic(model.config.hidden_dim, model.action_low.cpu(), model.action_high.cpu()).to(device)
+              if use_iql else None)
     params = list(model.parameters()) + (list(critic.q.parameters()) if critic is not None else [])
     # The pretrained encoders move more slowly than the parts stage 1 did not train (fusion, state
     # encoder, heads, critic).
@@ -437,6 +432,11 @@ def _write_outputs(t: _Training, reports: dict[str, Any], metrics: dict[str, Any
     write_json(metrics_dir / "offline_history.json", t.history)
     write_json(metrics_dir / "offline_open_loop.json", reports)
     t.resume.clear()
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """Train on this process, or as one rank of a ``torchrun`` job (data parallel, rank 0 writes)."""
+    return run_on_ranks(cfg, _run)
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import numpy as np
 import torch.distributed
 
 from infra.files import sha256_file
-from stages.accel import Distributed, distributed
+from stages.accel import Distributed, run_on_ranks
 from stages.common import StageInputError, resolve_device, seed_everything, stage_main, write_json
 from stages.config import PipelineConfig
 from stages.data.shards import MANIFEST, load_split_arrays
@@ -112,12 +112,6 @@ def _digest(path: Path) -> str:
     """Identity of the stage-2 weights, so a new upstream checkpoint never resumes an old run."""
     weights = path / "model.safetensors"
     return sha256_file(weights, length=16) if weights.is_file() else "none"
-
-
-def run(cfg: PipelineConfig) -> dict[str, Any]:
-    """Train on this process, or as one rank of a ``torchrun`` job (rank 0 evaluates and writes)."""
-    with distributed(resolve_device(cfg.device)) as dist:
-        return _run(cfg, dist)
 
 
 @dataclass
@@ -266,6 +260,11 @@ def _from_rank0(dist: Distributed, value: Any) -> Any:
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """Train on this process, or as one rank of a ``torchrun`` job (rank 0 evaluates and writes)."""
+    return run_on_ranks(cfg, _run)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from stages.accel import (Distributed, autocast, capture_rng, configure_backends, distributed, make_adamw,
+from stages.accel import (Distributed, autocast, capture_rng, configure_backends, make_adamw, run_on_ranks,
                           maybe_compile, micro_batches, restore_rng, to_device)
 from stages.checkpoint import restore, snapshot
 from stages.common import resolve_device, seed_everything, stage_main, write_json
@@ -150,12 +150,6 @@ def contrastive_step(model, embed: Embed, batch: dict[str, Any], captions: list[
     return loss.detach()
 
 
-def run(cfg: PipelineConfig) -> dict[str, Any]:
-    """Train on this process, or as one rank of a ``torchrun`` job (data parallel, rank 0 writes)."""
-    with distributed(resolve_device(cfg.device)) as dist:
-        return _run(cfg, dist)
-
-
 @dataclass
 class _Training:
     """What the phases of one pretrain run share."""
@@ -258,6 +252,11 @@ def _write_outputs(t: _Training, metrics: dict[str, Any]) -> None:
     write_json(Path(t.cfg.metrics_dir) / "pretrain.json", metrics)
     write_json(Path(t.cfg.metrics_dir) / "pretrain_history.json", t.history)
     t.resume.clear()
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """Train on this process, or as one rank of a ``torchrun`` job (data parallel, rank 0 writes)."""
+    return run_on_ranks(cfg, _run)
 
 
 def main() -> None:

@@ -283,7 +283,21 @@ class ActorCriticOutput(NamedTuple):
     value: Tensor
 
 
-class MLPActorCritic(nn.Module):
+class VectorObsModel(nn.Module):
+    """A small model on vector observations: its features are the observation, and it has no encoders
+    to freeze (what `DrivingVLA` names its encoders is empty here)."""
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def freeze_encoders(self) -> int:
+        return 0
+
+    def compute_features(self, obs: Tensor) -> Tensor:
+        return obs.float().flatten(1)
+
+
+class MLPActorCritic(VectorObsModel):
     """Separate policy and value MLPs over a flat observation, with `DrivingVLA`'s RL interface.
 
     The policy is a squashed Gaussian over ``action_low .. action_high``
@@ -327,15 +341,6 @@ class MLPActorCritic(nn.Module):
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"encoders": [], "actor": [*self.policy_head.parameters(), self.log_std],
                 "critic": list(self.value_head.parameters()), "trunk": []}
-
-    def encoder_parameters(self) -> list[nn.Parameter]:
-        return []
-
-    def freeze_encoders(self) -> int:
-        return 0
-
-    def compute_features(self, obs: Tensor) -> Tensor:
-        return obs.float().flatten(1)
 
     def policy_params(self, features: Tensor) -> tuple[Tensor, Tensor]:
         loc = self.policy_head(features)

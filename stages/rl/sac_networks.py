@@ -16,9 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from models.distributions import LOG_STD_MAX, LOG_STD_MIN, SquashedGaussian
+from stages.rl.policies import VectorObsModel
 
 
-class MLPActor(nn.Module):
+class MLPActor(VectorObsModel):
     """Squashed-Gaussian policy ``obs -> (loc, log_std)`` over the box ``low .. high``."""
 
     def __init__(self, obs_dim: int, action_low: Sequence[float] | np.ndarray,
@@ -52,15 +53,6 @@ class MLPActor(nn.Module):
     # Parameter groups as `DrivingVLA` names them: the policy head is all there is.
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"encoders": [], "actor": list(self.policy_head.parameters()), "critic": [], "trunk": []}
-
-    def encoder_parameters(self) -> list[nn.Parameter]:
-        return []
-
-    def freeze_encoders(self) -> int:
-        return 0
-
-    def compute_features(self, obs: Tensor) -> Tensor:
-        return obs.float().flatten(1)
 
     def policy_params(self, features: Tensor) -> tuple[Tensor, Tensor]:
         loc, log_std = self.policy_head(features).chunk(2, dim=-1)

@@ -25,7 +25,8 @@ from stages.envs.carla_bridge.env import CARLABridge, make_carla_env
 from stages.envs.carla_bridge.errors import INSTALL_HINT, CarlaConnectionError, is_connection_error, load_carla
 from stages.envs.carla_bridge.routing import RoadOption, Route, RoutePlanner, RouteTracker, command_text
 from stages.envs.carla_bridge.sensors import image_to_rgb
-from stages.envs.carla_bridge.session import Lifecycle, server_version
+from stages.envs.carla_bridge.session import server_version
+from stages.envs.carla_bridge.state import Lifecycle
 from stages.envs.rewards import CARLARewardWrapper
 
 __all__ = [

@@ -12,11 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.envs.carla_bridge.config import SimulatorConfig
 from stages.envs.carla_bridge.errors import is_connection_error
-from stages.envs.carla_bridge.routing import Route, RoutePlanner
-from stages.envs.carla_bridge.session import Lifecycle
-from stages.envs.scenarios import ScenarioSpec
+from stages.envs.carla_bridge.routing import Route
+from stages.envs.carla_bridge.state import BridgeState, Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +45,8 @@ class Spawned:
         return ids + [i for i in self.loose_ids if i not in ids]
 
 
-class ActorsMixin:
+class ActorsMixin(BridgeState):
     """Spawning and destruction of `CARLABridge`'s actors (the state it uses is set in `CARLABridge.__init__`)."""
-
-    config: SimulatorConfig
-    carla: Any
-    scenario_spec: ScenarioSpec
-    _state: Lifecycle
-    _client: Any
-    _world: Any
-    _blueprints: Any
-    _planner: RoutePlanner | None
-    _orphans: tuple[int | None, list[int]] | None
-    _spawned: Spawned
 
     if TYPE_CHECKING:
         def _guard(self, what: str) -> AbstractContextManager[None]: ...   # SessionMixin

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages.envs import captions
-from stages.envs.carla_bridge.config import SimulatorConfig
+from stages.envs.carla_bridge.state import BridgeState
 from stages.envs.geometry import wrap_angle
 from stages.envs.scenarios import CARLA_TOWNS
 
@@ -34,13 +34,8 @@ def appearance(weather: str) -> str:
     return "day"
 
 
-class CaptionMixin:
+class CaptionMixin(BridgeState):
     """Captions of `CARLABridge` (the state it uses is set in `CARLABridge.__init__`)."""
-
-    config: SimulatorConfig
-    _map: Any
-    _command: str
-    _on_road: bool
 
     if TYPE_CHECKING:
         def _others(self) -> list[tuple[Any, str]]: ...   # MeasureMixin

@@ -58,7 +58,8 @@ from stages.envs.carla_bridge.expert import expert_action
 from stages.envs.carla_bridge.measure import MeasureMixin
 from stages.envs.carla_bridge.routing import Route, RoutePlanner, RouteTracker
 from stages.envs.carla_bridge.sensors import SensorEvents, SensorsMixin
-from stages.envs.carla_bridge.session import Lifecycle, SessionMixin
+from stages.envs.carla_bridge.session import SessionMixin
+from stages.envs.carla_bridge.state import Lifecycle
 from stages.envs.config import EnvConfig
 from stages.envs.spaces import FRONT_DISTANCE_MAX
 

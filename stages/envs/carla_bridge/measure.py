@@ -10,27 +10,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages.envs import captions
-from stages.envs.carla_bridge.config import SimulatorConfig
-from stages.envs.carla_bridge.routing import RouteTracker
+from stages.envs.carla_bridge.state import BridgeState
 from stages.envs.geometry import wrap_angle
 from stages.envs.spaces import FRONT_DISTANCE_MAX
 
 
-class MeasureMixin:
+class MeasureMixin(BridgeState):
     """Measurement of `CARLABridge` (the state it uses is set in `CARLABridge.__init__`)."""
-
-    config: SimulatorConfig
-    carla: Any
-    scenario: str
-    _map: Any
-    _spawned: Any
-    _tracker: RouteTracker | None
-    _infractions: dict[str, int]
-    _command: str
-    _on_road: bool
-    _gap_ahead: float
-    _frame_id: int
-    _obs: dict[str, Any] | None
 
     if TYPE_CHECKING:
         def _caption(self, speed: float, lateral: float, lane_number: int | None, lanes_count: int | None,

@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from stages.envs.carla_bridge.config import SimulatorConfig
 from stages.envs.carla_bridge.errors import CarlaConnectionError
-from stages.envs.carla_bridge.session import Lifecycle
+from stages.envs.carla_bridge.state import BridgeState, Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +78,8 @@ class SensorEvents:
                 self.floor = max(self.floor, int(through_frame))
 
 
-class SensorsMixin:
+class SensorsMixin(BridgeState):
     """The sensors of `CARLABridge` (the state it uses is set in `CARLABridge.__init__`)."""
-
-    config: SimulatorConfig
-    carla: Any
-    _state: Lifecycle
-    _world: Any
-    _blueprints: Any
-    _spawned: Any
-    _images: queue.Queue[Any]
-    _events: SensorEvents
-    _frame: np.ndarray | None
-    dropped_frames: int
 
     def _spawn_sensors(self) -> None:
         cfg, carla, ego = self.config, self.carla, self._spawned.ego

@@ -8,7 +8,6 @@ next ``reset()`` reconnects (`stages.envs.carla_bridge.errors`).
 """
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from collections.abc import Iterator
@@ -16,10 +15,10 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from stages.envs.carla_bridge.config import SimulatorConfig
+from stages.envs.carla_bridge.state import BridgeState, Lifecycle
 from stages.envs.carla_bridge.endpoints import CarlaServerError, slot_endpoint
 from stages.envs.carla_bridge.errors import CarlaConnectionError, is_connection_error, load_carla
 from stages.envs.carla_bridge.routing import RoutePlanner
-from stages.envs.scenarios import ScenarioSpec
 from stages.envs.slots import EnvSlotError
 
 log = logging.getLogger(__name__)
@@ -31,24 +30,6 @@ ROUTE_RESOLUTION_M = 2.0           # spacing of route waypoints
 FAST_SPEED_DIFFERENCE = -20.0
 DEFAULT_SPEED_DIFFERENCE = 30.0
 DEFAULT_LEADING_DISTANCE_M = 2.5
-
-
-class Lifecycle(enum.Enum):
-    """Where a bridge is between its server and its episode (one state instead of four flags).
-
-    DISCONNECTED -> (reset) RUNNING; (initialize) FRESH -> (step / reset) RUNNING; any connection error
-    -> BROKEN -> (reset / reconnect) RUNNING / CONNECTED; close -> DISCONNECTED (BROKEN stays BROKEN).
-    """
-
-    DISCONNECTED = "disconnected"   # no client: before the first reset, or after close
-    CONNECTED = "connected"         # a client and a set-up world, but no episode to step
-    FRESH = "fresh"                 # initialize() built this episode and nothing stepped it: reset may reuse it
-    RUNNING = "running"             # an episode is spawned and may be stepped
-    BROKEN = "broken"               # the connection failed: step refuses, the next reset reconnects
-
-    @property
-    def in_episode(self) -> bool:
-        return self in (Lifecycle.FRESH, Lifecycle.RUNNING)
 
 
 def _town_name(map_name: str) -> str:
@@ -70,22 +51,8 @@ def server_version(host: str = "localhost", port: int = 2000, timeout: float = 1
         raise
 
 
-class SessionMixin:
+class SessionMixin(BridgeState):
     """Connection and world setup of `CARLABridge` (the state it uses is set in `CARLABridge.__init__`)."""
-
-    config: SimulatorConfig
-    carla: Any
-    scenario_spec: ScenarioSpec
-    _state: Lifecycle
-    _client: Any
-    _world: Any
-    _map: Any
-    _tm: Any
-    _blueprints: Any
-    _planner: RoutePlanner | None
-    _planner_town: str | None
-    _original_settings: Any
-    _orphans: tuple[int | None, list[int]] | None
 
     if TYPE_CHECKING:
         def _destroy_orphans(self) -> None: ...   # ActorsMixin
