@@ -4,12 +4,14 @@ stage ``dvc.yaml`` declares, in its order, e.g. ``evaluate``).
 Parameters given to the flow (a preset, a simulator backend, ``a.b=c`` overrides) are written into
 ``params.yaml`` before anything runs — like ``dvc exp run --set-param`` — so DVC records exactly what
 produced each output. The whole config is validated first; a bad value fails the flow before any stage
-starts.
+starts, and so does a dep that is missing with no selected stage to make it. The run owns the
+workspace from writing ``params.yaml`` to its last stage (one lock; a second run waits), and a run
+that fails puts ``params.yaml`` back as it was.
 
 Each stage is a cached Prefect task keyed on DVC's view of the stage (see ``tasks/stage_tasks.py``):
 a re-run with nothing changed skips every stage in seconds, and a change reruns exactly the stages
-DVC sees as affected. Every run leaves a Prefect artifact per stage (metrics table, plots, links to
-the DVC outputs) and a lineage summary (git commit, ``dvc.lock`` hashes, params), and writes the same
+DVC sees as affected. Every run leaves Prefect artifacts per stage (a report with links to the DVC
+outputs, a metrics table, its PNG plots as images) and a lineage summary (git commit, ``dvc.lock`` hashes, params), and writes the same
 summary to ``runs/pipeline/summary.json``.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pydantic import BaseModel
 from stages import STAGE_ORDER
 from stages.common import write_json
 from stages.config import ConfigError, PresetName, build_config, deep_merge, parse_override, read_params
-from tasks.dvc_project import check_deps, stage_names, tracked_params
+from tasks.dvc_project import DVC_YAML, check_deps, stage_names, tracked_params
 from tasks.dvc_tasks import dvc_push, lineage, workspace_run, write_params
 from tasks.stage_tasks import DEFAULT_STAGE_TIMEOUT_S, publish_stage_artifacts, run_stage, stage_view
 
@@ -87,7 +89,7 @@ def pipeline(preset: PresetName | None = None, overrides: list[str] | None = Non
     if sim_backend:
         overrides.append(f"env.backend={sim_backend}")
     if use_dvc is None:
-        use_dvc = (root / ".dvc").is_dir() and (root / "dvc.yaml").exists()
+        use_dvc = (root / ".dvc").is_dir() and (root / DVC_YAML).exists()
     order = stage_names(root) if use_dvc else list(STAGE_ORDER)
     selected = list(stages or order)
     unknown = sorted(set(selected) - set(order))

@@ -3,7 +3,9 @@ tasks with retries, and the lineage of a workspace (git commit, ``dvc.lock`` has
 
 DVC refuses concurrent use of a workspace ("Unable to acquire lock"), so every DVC call made here —
 a ``dvc`` subprocess or the in-process ``dvc.repo.Repo`` used for cache keys — holds
-:func:`dvc_lock` first. Two flows on one workspace then wait for each other instead of failing.
+:func:`dvc_lock` first. A pipeline run holds it once for the whole run (:func:`workspace_run`, from
+writing ``params.yaml`` to its last stage), and its own DVC calls re-enter it. Two flows on one
+workspace then wait for each other instead of failing or training with each other's params.
 """
 from __future__ import annotations
 

@@ -222,6 +222,7 @@ def test_flow_without_dvc_outside_a_repository(prefect_api, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_readme_command_on_a_fresh_home_under_cpu_load(tmp_path):
     """`drivevla pipeline --preset smoke` (the console script) as a new user runs it: empty HOME and
     PREFECT_HOME, so the ephemeral Prefect API creates its database on this first start, while a
@@ -236,7 +237,7 @@ def test_readme_command_on_a_fresh_home_under_cpu_load(tmp_path):
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         proc = subprocess.run([str(Path(sys.executable).parent / "drivevla"), "pipeline", "--preset", "smoke"],
-                              cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
+                              cwd=repo, env=env, capture_output=True, text=True, timeout=2300)
     finally:
         busy.kill()
         busy.wait()
