@@ -99,10 +99,10 @@ def pipeline(preset: PresetName | None = None, overrides: list[str] | None = Non
         if preset:
             overrides = [f"preset={preset}", *overrides]
         return _run_stages(root, order, selected, overrides, use_dvc, stage_timeouts, push_remote)
-    check_deps(root, selected)  # a missing input fails here, before DVC deletes any output
     # One run owns the workspace from writing params.yaml to its last stage; a failed run puts
     # params.yaml back as it was.
     with workspace_run(root):
+        check_deps(root, selected)  # a missing input fails here, before DVC deletes any output
         apply_params(root / "params.yaml", preset, overrides, required=tracked_params(root))
         return _run_stages(root, order, selected, overrides, use_dvc, stage_timeouts, push_remote)
 

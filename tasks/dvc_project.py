@@ -1,5 +1,5 @@
 """The one module that reads ``dvc.yaml``: the stages it declares, in order, and for each its deps,
-outputs (``outs``, ``metrics``, ``plots``) and tracked params.
+outputs (``outs``, ``metrics``, ``plots``) and tracked params; and ``dvc.lock``, what DVC recorded.
 
 Everything else (the pipeline flow, the stage tasks, the lineage) asks here instead of parsing the
 file, so a change of its layout has one place to follow. DVC itself parses it again when it runs;
@@ -7,6 +7,7 @@ this view is only what the flow needs to plan and report.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,11 @@ from stages.common import StageInputError
 from stages.config import ConfigError
 
 DVC_YAML = "dvc.yaml"
+DVC_LOCK = "dvc.lock"
+# libyaml when present: a no-change pipeline re-run reads these files dozens of times, and the pure
+# Python parser spent more time on them than everything else the re-run does.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_PARSED: dict[str, tuple[tuple[int, int], Any]] = {}
 
 
 class MissingStageInput(StageInputError):
@@ -62,13 +68,33 @@ def _param_names(items: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _read_yaml(path: Path) -> Any:
+    """``path`` parsed, from memory while the file is unchanged (same mtime and size); a copy, so a
+    caller may modify it."""
+    stat = path.stat()
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    hit = _PARSED.get(str(path))
+    if hit is None or hit[0] != stamp:
+        hit = (stamp, yaml.load(path.read_text(), Loader=_LOADER))  # noqa: S506 - a safe loader
+        _PARSED[str(path)] = hit
+    return copy.deepcopy(hit[1])
+
+
+def load_dvc_lock(root: str | Path) -> dict[str, Any]:
+    """``{stage: its dvc.lock entry}`` (empty when nothing has run)."""
+    path = Path(root) / DVC_LOCK
+    if not path.exists():
+        return {}
+    return (_read_yaml(path) or {}).get("stages") or {}
+
+
 def load_dvc_yaml(root: str | Path) -> dict[str, Any]:
     """The parsed ``dvc.yaml`` of ``root`` (empty when there is none)."""
     path = Path(root) / DVC_YAML
     if not path.exists():
         return {}
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _read_yaml(path)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); restore it from git") from None
     if data is None:

@@ -24,7 +24,6 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
 from filelock import FileLock, Timeout
 from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
@@ -32,7 +31,7 @@ from prefect.exceptions import MissingContextError
 from infra.files import atomic_write_bytes, atomic_write_text
 from infra.s3 import checksum_env
 from stages.config import read_params
-from tasks.dvc_project import DVC_YAML, stage_names
+from tasks.dvc_project import DVC_YAML, load_dvc_lock, stage_names
 
 log = logging.getLogger(__name__)
 
@@ -314,10 +313,7 @@ def stage_view_key(root: str | Path, name: str) -> str | None:
 
 
 def lock_entry(root: str | Path, name: str) -> dict[str, Any]:
-    path = Path(root) / "dvc.lock"
-    if not path.exists():
-        return {}
-    return ((yaml.safe_load(path.read_text()) or {}).get("stages") or {}).get(name, {})
+    return load_dvc_lock(root).get(name, {})
 
 
 def outs_hashes(root: str | Path, name: str) -> dict[str, str]:
