@@ -58,6 +58,7 @@ def drivevla(repo: Path, *args: str, **popen) -> subprocess.Popen:
 
 def printed_results(output: str) -> dict:
     """The JSON `drivevla pipeline` prints at the end (each stage's metrics)."""
+    output = "\n" + output  # alone on stdout (the logs go to stderr), it starts the output
     start = output.rindex("\n{\n") + 1
     return json.loads(output[start:output.index("\n}\n", start) + 2])
 
