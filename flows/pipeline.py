@@ -4,12 +4,14 @@ stage ``dvc.yaml`` declares, in its order, e.g. ``evaluate``).
 Parameters given to the flow (a preset, a simulator backend, ``a.b=c`` overrides) are written into
 ``params.yaml`` before anything runs — like ``dvc exp run --set-param`` — so DVC records exactly what
 produced each output. The whole config is validated first; a bad value fails the flow before any stage
-starts.
+starts, and so does a dep that is missing with no selected stage to make it. The run owns the
+workspace from writing ``params.yaml`` to its last stage (one lock; a second run waits), and a run
+that fails puts ``params.yaml`` back as it was.
 
 Each stage is a cached Prefect task keyed on DVC's view of the stage (see ``tasks/stage_tasks.py``):
 a re-run with nothing changed skips every stage in seconds, and a change reruns exactly the stages
-DVC sees as affected. Every run leaves a Prefect artifact per stage (metrics table, plots, links to
-the DVC outputs) and a lineage summary (git commit, ``dvc.lock`` hashes, params), and writes the same
+DVC sees as affected. Every run leaves Prefect artifacts per stage (a report with links to the DVC
+outputs, a metrics table, its PNG plots as images) and a lineage summary (git commit, ``dvc.lock`` hashes, params), and writes the same
 summary to ``runs/pipeline/summary.json``.
 """
 from __future__ import annotations
@@ -26,9 +28,10 @@ from pydantic import BaseModel
 
 from stages import STAGE_ORDER
 from stages.common import write_json
-from stages.config import ConfigError, PresetName, build_config, deep_merge, parse_override
-from tasks.dvc_tasks import dvc_push, dvc_yaml_stages, lineage
-from tasks.stage_tasks import DEFAULT_STAGE_TIMEOUT_S, run_stage, stage_report_markdown, stage_state
+from stages.config import ConfigError, PresetName, build_config, deep_merge, parse_override, read_params
+from tasks.dvc_project import DVC_YAML, check_deps, stage_names, tracked_params
+from tasks.dvc_tasks import dvc_push, lineage, workspace_run, write_params
+from tasks.stage_tasks import DEFAULT_STAGE_TIMEOUT_S, publish_stage_artifacts, run_stage, stage_view
 
 SUMMARY_FILE = Path("runs") / "pipeline" / "summary.json"
 SimBackend = Literal["highway", "carla"]
@@ -41,32 +44,24 @@ def apply_params(params_file: Path, preset: str | None, overrides: list[str],
 
     ``required`` are the params ``dvc.yaml`` tracks: DVC refuses a params key absent from the file.
     """
-    raw = yaml.safe_load(params_file.read_text()) if params_file.exists() else {}
-    raw = raw or {}
+    raw = read_params(params_file)  # ConfigError naming the file when it is not a YAML mapping
     before = json.dumps(raw, sort_keys=True)
     if preset:
         raw["preset"] = preset
     for text in overrides:
-        raw = deep_merge(raw, parse_override(text))
+        override = parse_override(text)
+        for key, value in override.items():
+            if isinstance(value, dict) and key in raw and not isinstance(raw[key], dict):
+                raise ConfigError(f"{params_file}: `{key}` is a {type(raw[key]).__name__}, not a section, so "
+                                  f"--set {text} cannot go into it; fix the file")
+        raw = deep_merge(raw, override)
     cfg = build_config(dict(raw))  # raises ConfigError before anything is written
     defaults = cfg.model_dump(mode="json")
     for key in required:
         if key not in raw and key in defaults:
             raw[key] = {} if isinstance(getattr(cfg, key), BaseModel) else defaults[key]
     if json.dumps(raw, sort_keys=True) != before:
-        params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
-def tracked_params(root: Path) -> list[str]:
-    """The top-level params.yaml keys that dvc.yaml's stages track."""
-    data = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
-    keys: list[str] = []
-    for spec in (data.get("stages") or {}).values():
-        for item in spec.get("params", []):
-            names = [item] if isinstance(item, str) else \
-                [k for v in item.values() for k in (v or [])] if isinstance(item, dict) else []
-            keys += [n.split(".")[0] for n in names if n.split(".")[0] not in keys]
-    return keys
+        write_params(params_file, yaml.safe_dump(raw, sort_keys=False))
 
 
 def _reap_carla(flow: Any, flow_run: Any, state: Any) -> None:
@@ -89,24 +84,33 @@ def pipeline(preset: PresetName | None = None, overrides: list[str] | None = Non
     stages: run only these. sim_backend: highway | carla (sets ``env.backend``). stage_timeouts:
     seconds per stage name (default 12 h). push_remote: ``dvc push -r`` this remote after the run.
     """
-    logger = get_run_logger()
     root = Path(workdir).resolve()
     overrides = list(overrides or [])
     if sim_backend:
         overrides.append(f"env.backend={sim_backend}")
     if use_dvc is None:
-        use_dvc = (root / ".dvc").is_dir() and (root / "dvc.yaml").exists()
-    order = [s for s in dvc_yaml_stages(root)] if use_dvc else list(STAGE_ORDER)
+        use_dvc = (root / ".dvc").is_dir() and (root / DVC_YAML).exists()
+    order = stage_names(root) if use_dvc else list(STAGE_ORDER)
     selected = list(stages or order)
     unknown = sorted(set(selected) - set(order))
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; the stages are {order}")
-    if use_dvc:
+    if not use_dvc:
+        if preset:
+            overrides = [f"preset={preset}", *overrides]
+        return _run_stages(root, order, selected, overrides, use_dvc, stage_timeouts, push_remote)
+    # One run owns the workspace from writing params.yaml to its last stage; a failed run puts
+    # params.yaml back as it was.
+    with workspace_run(root):
+        check_deps(root, selected)  # a missing input fails here, before DVC deletes any output
         apply_params(root / "params.yaml", preset, overrides, required=tracked_params(root))
-    elif preset:
-        overrides = [f"preset={preset}", *overrides]
-    timeouts = {name: DEFAULT_STAGE_TIMEOUT_S for name in order} | dict(stage_timeouts or {})
+        return _run_stages(root, order, selected, overrides, use_dvc, stage_timeouts, push_remote)
 
+
+def _run_stages(root: Path, order: list[str], selected: list[str], overrides: list[str], use_dvc: bool,
+                stage_timeouts: dict[str, float] | None, push_remote: str | None) -> dict[str, Any]:
+    logger = get_run_logger()
+    timeouts = {name: DEFAULT_STAGE_TIMEOUT_S for name in order} | dict(stage_timeouts or {})
     results: dict[str, Any] = {}
     report: dict[str, Any] = {}
     t_start = time.perf_counter()
@@ -114,7 +118,8 @@ def pipeline(preset: PresetName | None = None, overrides: list[str] | None = Non
         if name not in selected:
             continue
         t0 = time.perf_counter()
-        up_to_date = stage_state(str(root), name)["up_to_date"] if use_dvc else False
+        view = stage_view(str(root), name) if use_dvc else None
+        up_to_date = bool(view and view["up_to_date"])
         task = run_stage.with_options(refresh_cache=not up_to_date) if use_dvc else run_stage
         if name == "online" and _uses_carla(root, overrides) and not up_to_date:
             from tasks.carla_resource import run_stage_in_carla
@@ -123,14 +128,13 @@ def pipeline(preset: PresetName | None = None, overrides: list[str] | None = Non
                                        return_state=True)
         else:
             state = task(name, workdir=str(root), use_dvc=use_dvc, overrides=overrides,
-                         timeout_s=timeouts[name], return_state=True)
+                         timeout_s=timeouts[name], view_key=view["key"] if view else None, return_state=True)
         metrics = state.result()  # raises the stage's error when it failed
         cached = state.name == "Cached"
         results[name] = metrics
         report[name] = {"status": "skipped" if cached else "ran", "seconds": round(time.perf_counter() - t0, 2)}
         logger.info("stage %s %s in %.1f s: %s", name, report[name]["status"], report[name]["seconds"], metrics)
-        create_markdown_artifact(key=f"stage-{name}", markdown=stage_report_markdown(str(root), name, metrics, cached),
-                                 description=f"drivevla stage {name}: metrics and DVC outputs")
+        publish_stage_artifacts(str(root), name, metrics, cached)
 
     if push_remote and use_dvc:
         dvc_push(str(root), remote=push_remote)

@@ -363,17 +363,37 @@ def build_config(raw: dict[str, Any] | None = None, preset: str | None = None,
         raise ConfigError(_describe(exc.errors(), merged)) from None
 
 
+def read_params(params: str | Path) -> dict[str, Any]:
+    """The sections written in a params file (empty when it does not exist).
+
+    A file that is not YAML, or whose top level is not a mapping of sections, raises
+    :class:`ConfigError` naming the file, the problem and where.
+    """
+    path = Path(params)
+    if not path.exists():
+        return {}
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}; fix the file or restore it from git"
+                          ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (preset: ..., online: {{...}}), "
+                          f"got a {type(raw).__name__}")
+    return raw
+
+
 def load_config(params: str | Path | None = "params.yaml", preset: str | None = None,
                 overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Read ``params.yaml`` (if it exists) and build the validated config."""
-    raw: dict[str, Any] = {}
-    if params is not None and Path(params).exists():
-        try:
-            raw = yaml.safe_load(Path(params).read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{params}: not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{params}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = read_params(params) if params is not None else {}
     return build_config(raw, preset=preset, overrides=overrides)
 
 

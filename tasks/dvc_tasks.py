@@ -3,28 +3,35 @@ tasks with retries, and the lineage of a workspace (git commit, ``dvc.lock`` has
 
 DVC refuses concurrent use of a workspace ("Unable to acquire lock"), so every DVC call made here —
 a ``dvc`` subprocess or the in-process ``dvc.repo.Repo`` used for cache keys — holds
-:func:`dvc_lock` first. Two flows on one workspace then wait for each other instead of failing.
+:func:`dvc_lock` first. A pipeline run holds it once for the whole run (:func:`workspace_run`, from
+writing ``params.yaml`` to its last stage), and its own DVC calls re-enter it. Two flows on one
+workspace then wait for each other instead of failing or training with each other's params.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import atexit
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
 from filelock import FileLock, Timeout
 from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 
+from infra.files import atomic_write_bytes, atomic_write_text
 from infra.s3 import checksum_env
+from stages.config import read_params
+from tasks.dvc_project import DVC_YAML, load_dvc_lock, stage_names
 
 log = logging.getLogger(__name__)
 
@@ -59,23 +66,65 @@ def lock_path(root: str | Path) -> Path:
     return base / LOCK_NAME
 
 
+# The workspaces whose lock this context (a flow run and the tasks it starts: Prefect copies the
+# context into task threads) already holds through :func:`workspace_run`.
+_HELD: ContextVar[frozenset[str]] = ContextVar("drivevla_workspace_locks", default=frozenset())
+
+
 @contextmanager
 def dvc_lock(root: str | Path, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Hold the workspace's DVC lock (a file lock, so it also serialises separate processes)."""
-    lock = FileLock(str(lock_path(root)), timeout=timeout_s)
+    """Hold the workspace's DVC lock (a file lock, so it also serialises separate processes).
+
+    Inside :func:`workspace_run` for the same workspace the run already holds it: nothing to take.
+    """
+    key = str(Path(root).resolve())
+    if key in _HELD.get():
+        yield
+        return
+    lock = FileLock(str(lock_path(root)), timeout=timeout_s, thread_local=False)
     t0 = time.monotonic()
     try:
         lock.acquire()
     except Timeout:
-        raise DvcLockTimeout(f"another DVC command has held {lock_path(root)} for over {timeout_s:.0f} s; "
-                             "wait for it or stop it (a `dvc` process in this workspace)") from None
+        raise DvcLockTimeout(f"another DVC command or pipeline run has held {lock_path(root)} for over "
+                             f"{timeout_s:.0f} s; wait for it or stop it") from None
     waited = time.monotonic() - t0
     if waited > 1:
-        _logger().info("waited %.1f s for the DVC lock", waited)
+        _logger().info("waited %.1f s for the workspace lock", waited)
+    token = _HELD.set(_HELD.get() | {key})
     try:
         yield
     finally:
+        _HELD.reset(token)
         lock.release()
+
+
+def write_params(path: str | Path, text: str) -> None:
+    """Write ``params.yaml`` in one rename: DVC or a stage reading it never sees half a file."""
+    atomic_write_text(path, text)
+
+
+@contextmanager
+def workspace_run(root: str | Path, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """One pipeline run owns the workspace from writing ``params.yaml`` through its last stage.
+
+    Holds the workspace lock for the whole block (the DVC calls inside do not take it again), so a
+    second run waits instead of rewriting ``params.yaml`` under the first one. When the block fails
+    (an error, Ctrl-C), ``params.yaml`` is put back as it was, atomically, so the overrides of a
+    failed run do not linger and make stages look changed.
+    """
+    params = Path(root) / "params.yaml"
+    with dvc_lock(root, timeout_s):
+        before = params.read_bytes() if params.exists() else None
+        try:
+            yield
+        except BaseException:
+            if before is not None and (not params.exists() or params.read_bytes() != before):
+                atomic_write_bytes(params, before)
+                _logger().info("the run failed: params.yaml restored to what it was before the run")
+            elif before is None and params.exists():
+                params.unlink()
+            raise
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -92,29 +141,81 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 BAR_LOG_INTERVAL_S = 10.0
+# After SIGTERM, how long the group gets to stop (DVC releases its lock, a stage finishes its write)
+# before SIGKILL.
+STOP_GRACE_S = 5.0
+# The process groups started here and not yet stopped: killed at interpreter exit as a last resort
+# (a run interrupted while a stage ran in a worker thread, whose `finally` never comes).
+_LIVE_GROUPS: set[int] = set()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """Stop ``proc`` and every process of its group (DVC and the stage it runs): SIGTERM, then SIGKILL
+    after ``grace_s``, then wait until none is left, so no stage outlives the run that started it."""
+    pgid = proc.pid  # start_new_session: the child leads its own group
+
+    def gone_within(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not _group_alive(pgid):
+                return True
+            time.sleep(0.05)
+        return False
+
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        if gone_within(wait_s):
+            break
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        log.error("process group %d did not stop after SIGKILL", pgid)
+    _LIVE_GROUPS.discard(pgid)
+
+
+def _stop_live_groups() -> None:
+    for pgid in list(_LIVE_GROUPS):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+atexit.register(_stop_live_groups)
 
 
 def run_streaming(cmd: list[str], cwd: str | Path, timeout_s: float | None = None,
                   logger: Any = None) -> str:
-    """Run ``cmd``, logging its output line by line; kill it after ``timeout_s``.
+    """Run ``cmd``, logging its output line by line; stop it after ``timeout_s``.
 
-    The subprocess carries the timeout because Prefect's ``timeout_seconds`` cannot interrupt a
-    synchronous task on the thread-pool runner: the process group is killed, so DVC and the stage
-    it runs both stop, and DVC's own lock is released with them.
+    The command runs in its own process group (so a terminal's Ctrl-C reaches only this process,
+    which then stops it in order). Whatever ends the wait — the time limit (Prefect's
+    ``timeout_seconds`` cannot interrupt a synchronous task on the thread-pool runner), Ctrl-C,
+    SIGTERM, an error — the whole group is stopped and waited for: DVC and the stage it runs both
+    end, and DVC's own lock is released with them.
     """
     logger = logger or _logger()
     proc = subprocess.Popen(cmd, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+    _LIVE_GROUPS.add(proc.pid)
     timed_out = threading.Event()
 
     def kill() -> None:
         timed_out.set()
-        try:
-            os.killpg(proc.pid, 15)
-            time.sleep(5)
-            os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
+        stop_group(proc)
 
     timer = threading.Timer(timeout_s, kill) if timeout_s else None
     if timer:
@@ -140,8 +241,9 @@ def run_streaming(cmd: list[str], cwd: str | Path, timeout_s: float | None = Non
     finally:
         if timer:
             timer.cancel()
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None or _group_alive(proc.pid):
+            stop_group(proc)
+        _LIVE_GROUPS.discard(proc.pid)
     if timed_out.is_set():
         raise DvcTimeout(f"{' '.join(cmd)} ran past its {timeout_s:.0f} s limit and was stopped:\n" + "\n".join(tail))
     if code != 0:
@@ -158,28 +260,45 @@ def dvc(args: list[str], root: str | Path, timeout_s: float | None = None, logge
 # ------------------------------------------------------------------ DVC's view of a stage
 
 
-def stage_inputs(root: str | Path, name: str, check_outs: bool = True) -> dict[str, Any] | None:
-    """What DVC would record for the stage's inputs if it ran now: its command, the hashes of its
-    deps (computed by DVC, through its state cache) and the values of its params.
+def stage_check(root: str | Path, name: str) -> tuple[dict[str, Any] | None, bool]:
+    """DVC's view of stage ``name`` from one opening of the repository: what DVC would record for its
+    inputs if it ran now (its command, the hashes of its deps — computed by DVC through its state
+    cache — and the values of its params; None when a dep does not exist), and whether its outputs
+    are present and unmodified.
 
-    For an up-to-date stage this equals its ``dvc.lock`` entry minus ``outs``. Returns None when a dep
-    does not exist, and with ``check_outs`` also when an output is missing or was modified.
+    For an up-to-date stage the inputs equal its ``dvc.lock`` entry minus ``outs``.
     """
     from dvc.repo import Repo
     from dvc.stage.serialize import to_single_stage_lockfile
 
     with dvc_lock(root):
         with Repo(str(root)) as repo, repo.lock:
-            stage = repo.stage.load_one(path=str(Path(root).resolve() / "dvc.yaml"), name=name)
-            if check_outs and stage.changed_outs(allow_missing=False):
-                return None
+            stage = repo.stage.load_one(path=str(Path(root).resolve() / DVC_YAML), name=name)
+            outs_ok = not stage.changed_outs(allow_missing=False)
             try:
                 stage.save_deps()
             except Exception as exc:  # a dep that does not exist yet: nothing to key on
-                log.warning("stage %s: cannot hash its deps (%s); it will run", name, exc)
-                return None
+                log.info("stage %s: cannot hash its deps yet (%s); it will run", name, exc)
+                return None, outs_ok
             entry = to_single_stage_lockfile(stage)
-    return {k: entry.get(k) for k in ("cmd", "deps", "params")}
+    return {k: entry.get(k) for k in ("cmd", "deps", "params")}, outs_ok
+
+
+def stage_inputs(root: str | Path, name: str, check_outs: bool = True) -> dict[str, Any] | None:
+    """The inputs of :func:`stage_check`; with ``check_outs`` None also when an output is missing or
+    was modified."""
+    inputs, outs_ok = stage_check(root, name)
+    return None if check_outs and not outs_ok else inputs
+
+
+def inputs_key(root: str | Path, name: str, inputs: dict[str, Any] | None) -> str | None:
+    """The cache key of a stage whose inputs are ``inputs`` (see :func:`stage_view_key`)."""
+    if inputs is None:
+        return None
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+    # The workspace path is part of the key: two clones share no outputs on disk.
+    where = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:12]
+    return f"drivevla-stage-{name}-{where}-{digest}"
 
 
 def stage_view_key(root: str | Path, name: str) -> str | None:
@@ -190,35 +309,11 @@ def stage_view_key(root: str | Path, name: str) -> str | None:
     outputs on disk still match is checked separately (``tasks.stage_tasks.stage_state``), and the
     flow refreshes the entry when they do not.
     """
-    inputs = stage_inputs(root, name, check_outs=False)
-    if inputs is None:
-        return None
-    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
-    # The workspace path is part of the key: two clones share no outputs on disk.
-    where = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:12]
-    return f"drivevla-stage-{name}-{where}-{digest}"
-
-
-def dvc_yaml_stages(root: str | Path) -> list[str]:
-    """The stages declared in ``dvc.yaml``, in file order."""
-    data = yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}
-    return list((data.get("stages") or {}).keys())
-
-
-def stage_spec(root: str | Path, name: str) -> dict[str, Any]:
-    """The stage's entry in ``dvc.yaml``; empty when the workspace has none (a run without DVC)."""
-    path = Path(root) / "dvc.yaml"
-    if not path.exists():
-        return {}
-    data = yaml.safe_load(path.read_text()) or {}
-    return (data.get("stages") or {}).get(name, {})
+    return inputs_key(root, name, stage_inputs(root, name, check_outs=False))
 
 
 def lock_entry(root: str | Path, name: str) -> dict[str, Any]:
-    path = Path(root) / "dvc.lock"
-    if not path.exists():
-        return {}
-    return ((yaml.safe_load(path.read_text()) or {}).get("stages") or {}).get(name, {})
+    return load_dvc_lock(root).get(name, {})
 
 
 def outs_hashes(root: str | Path, name: str) -> dict[str, str]:
@@ -268,8 +363,8 @@ def lineage(root: str | Path) -> dict[str, Any]:
     return {
         "git": git_state(root),
         "dvc_lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else None,
-        "outs": {name: outs_hashes(root, name) for name in dvc_yaml_stages(root)} if (root / "dvc.yaml").exists() else {},
-        "params": (yaml.safe_load(params_file.read_text()) or {}) if params_file.exists() else {},
+        "outs": {name: outs_hashes(root, name) for name in stage_names(root)},
+        "params": read_params(params_file),
     }
 
 

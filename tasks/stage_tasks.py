@@ -15,23 +15,27 @@ time limit is given to the ``dvc repro`` subprocess, whose process group is kill
 """
 from __future__ import annotations
 
+import base64
 import importlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
 from stages.config import load_config
-from tasks.dvc_tasks import (DvcError, DvcTimeout, cache_object_url, dvc, lock_entry, remote_url, stage_inputs,
-                             stage_spec, stage_view_key, subprocess_env)
+from tasks.dvc_project import stage_spec
+from tasks.dvc_tasks import (DvcError, DvcTimeout, cache_object_url, dvc, inputs_key, lock_entry, remote_url,
+                             stage_check, stage_view_key, subprocess_env)
 
-__all__ = ["StageFailed", "StageTimeout", "DvcStageView", "run_stage", "stage_state", "stage_module",
-           "subprocess_env", "stage_report_markdown", "DEFAULT_STAGE_TIMEOUT_S"]
+__all__ = ["StageFailed", "StageTimeout", "DvcStageView", "run_stage", "stage_state", "stage_view", "stage_module",
+           "subprocess_env", "stage_report_markdown", "publish_stage_artifacts", "DEFAULT_STAGE_TIMEOUT_S"]
 
 # Generous defaults (the `carla` preset trains for hours); flows pass tighter ones per run.
 DEFAULT_STAGE_TIMEOUT_S = 12 * 3600.0
@@ -61,18 +65,26 @@ class DvcStageView(CachePolicy):
                     **kwargs: Any) -> str | None:
         if not inputs.get("use_dvc", True):
             return None
+        if inputs.get("view_key"):  # computed by the flow a moment ago (stage_view): no second DVC pass
+            return inputs["view_key"]
         return stage_view_key(inputs.get("workdir", "."), inputs["name"])
 
 
-def stage_state(workdir: str, name: str) -> dict[str, Any]:
-    """Whether DVC sees stage ``name`` as up to date: its inputs equal its ``dvc.lock`` entry and its
-    outputs are present and unmodified."""
-    current = stage_inputs(workdir, name)
+def stage_view(workdir: str, name: str) -> dict[str, Any]:
+    """Whether DVC sees stage ``name`` as up to date — its inputs equal its ``dvc.lock`` entry and its
+    outputs are present and unmodified — and its cache key (:class:`DvcStageView`), from one DVC pass."""
+    inputs, outs_ok = stage_check(workdir, name)
     locked = lock_entry(workdir, name)
     recorded = {k: locked.get(k) for k in ("cmd", "deps", "params")} if locked else None
-    clean = current is not None and recorded is not None and \
-        json.dumps(current, sort_keys=True, default=str) == json.dumps(recorded, sort_keys=True, default=str)
-    return {"stage": name, "up_to_date": clean}
+    clean = outs_ok and inputs is not None and recorded is not None and \
+        json.dumps(inputs, sort_keys=True, default=str) == json.dumps(recorded, sort_keys=True, default=str)
+    return {"stage": name, "up_to_date": clean, "key": inputs_key(workdir, name, inputs)}
+
+
+def stage_state(workdir: str, name: str) -> dict[str, Any]:
+    """Whether DVC sees stage ``name`` as up to date (see :func:`stage_view`)."""
+    view = stage_view(workdir, name)
+    return {"stage": name, "up_to_date": view["up_to_date"]}
 
 
 def _metrics(cwd: Path, name: str) -> dict[str, Any]:
@@ -83,8 +95,8 @@ def _metrics(cwd: Path, name: str) -> dict[str, Any]:
 
 @task(name="run-stage", task_run_name="stage-{name}", cache_policy=DvcStageView(), persist_result=True)
 def run_stage(name: str, workdir: str = ".", use_dvc: bool = True, overrides: list[str] | None = None,
-              timeout_s: float | None = DEFAULT_STAGE_TIMEOUT_S) -> dict[str, Any]:
-    """Run one stage and return its metrics."""
+              timeout_s: float | None = DEFAULT_STAGE_TIMEOUT_S, view_key: str | None = None) -> dict[str, Any]:
+    """Run one stage and return its metrics. ``view_key``: the stage's cache key if the caller has it."""
     logger = get_run_logger()
     cwd = Path(workdir).resolve()
     if use_dvc:
@@ -120,11 +132,9 @@ def stage_report_markdown(workdir: str, name: str, metrics: dict[str, Any], cach
     lines = [f"## stage `{name}` — {'skipped (unchanged for DVC)' if cached else 'ran'}", "",
              "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())] or ["| (none) | |"]
-    spec = stage_spec(root, name)
-    plots = [next(iter(p)) if isinstance(p, dict) else p for p in spec.get("plots", [])]
-    for plot in plots:
+    for plot in stage_spec(root, name).plots:
         path = root / plot
-        if path.exists():
+        if path.exists() and path.suffix == ".json":
             try:
                 rows = json.loads(path.read_text())
             except ValueError:
@@ -144,3 +154,38 @@ def stage_report_markdown(workdir: str, name: str, metrics: dict[str, Any], cach
             link = cache_object_url(base, md5) if base and md5 else "-"
             lines.append(f"| `{o['path']}` | `{md5}` | {link} |")
     return "\n".join(lines) + "\n"
+
+
+# A plot larger than this is linked by path only: the artifact travels through the API and its database.
+MAX_INLINE_IMAGE_BYTES = 2 * 1024 * 1024
+IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def plot_images(workdir: str, name: str) -> dict[str, str]:
+    """``{plot path: data URI}`` of the image plots (PNG …) stage ``name`` declares and has written."""
+    images: dict[str, str] = {}
+    for plot in stage_spec(workdir, name).plots:
+        path = Path(workdir) / plot
+        mime = IMAGE_SUFFIXES.get(path.suffix.lower())
+        if mime and path.is_file() and path.stat().st_size <= MAX_INLINE_IMAGE_BYTES:
+            images[plot] = f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+    return images
+
+
+def publish_stage_artifacts(workdir: str, name: str, metrics: dict[str, Any], cached: bool) -> None:
+    """What the Prefect UI shows for a stage: the report (markdown), its metrics as a table artifact
+    and each image plot it wrote as an image artifact (embedded as a data URI: the UI needs no
+    access to the workspace)."""
+    create_markdown_artifact(key=artifact_key("stage", name), markdown=stage_report_markdown(workdir, name, metrics, cached),
+                             description=f"drivevla stage {name}: metrics and DVC outputs")
+    rows = [{"metric": k, "value": _fmt(v).strip("`")} for k, v in sorted(metrics.items())]
+    create_table_artifact(key=artifact_key("stage", name, "metrics"), table=rows or [{"metric": "(none)", "value": ""}],
+                          description=f"drivevla stage {name}: metrics ({'cached' if cached else 'this run'})")
+    for plot, uri in plot_images(workdir, name).items():
+        create_image_artifact(image_url=uri, key=artifact_key("stage", name, Path(plot).stem),
+                              description=f"drivevla stage {name}: `{plot}`")
