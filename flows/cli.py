@@ -22,6 +22,7 @@ import typer  # noqa: E402
 from stages import STAGE_ORDER  # noqa: E402
 from stages.common import StageInputError  # noqa: E402
 from stages.config import ConfigError, dump_config, load_config  # noqa: E402
+from tasks.dvc_project import DvcFileError  # noqa: E402
 
 app = typer.Typer(help="drivevla: train a driving vision-language-action model, stage by stage.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -74,7 +75,7 @@ def pipeline(preset: PresetOpt = None, set_: SetOpt = None,
     try:
         results = pipeline_flow(preset=preset, overrides=set_ or [], stages=stage or None,
                                 use_dvc=False if no_dvc else None)
-    except ConfigError as exc:
+    except (ConfigError, DvcFileError) as exc:
         _fail(str(exc))
     except StageInputError as exc:
         _fail(str(exc), code=1)

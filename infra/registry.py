@@ -13,8 +13,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import yaml
 
+from infra.dvc_files import stage_specs
 from infra.manifest import RegistryError, UnsafeName, check_version
 from infra.model_store import (CARD_NAME, DEFAULT_MODEL, MANIFEST_NAME, POINTER_NAME, README_NAME, ModelStore,
                                Pointer, collect_files, model_card_markdown)
@@ -51,19 +51,13 @@ LINEAGE_FILES = ("dvc.lock", "dvc.yaml", "params.yaml")
 
 
 def stage_outputs_in_git(repo: Path) -> set[str]:
-    """Stage outputs DVC leaves to git (``cache: false``: metrics, plots): they belong with dvc.lock."""
-    path = Path(repo) / "dvc.yaml"
-    spec = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+    """Stage outputs DVC leaves to git (those marked ``cache: false``): they belong with dvc.lock."""
     paths: set[str] = set()
-    for stage in (spec.get("stages") or {}).values():
+    for spec in stage_specs(repo).values():
         for kind in ("outs", "metrics", "plots"):
-            for item in stage.get(kind) or []:
+            for item in spec.raw.get(kind) or []:
                 if isinstance(item, dict):
-                    for path, opts in item.items():
-                        if kind != "outs" or (opts or {}).get("cache") is False:
-                            paths.add(path)
-                elif kind != "outs":
-                    paths.add(item)
+                    paths.update(p for p, opts in item.items() if (opts or {}).get("cache") is False)
     return paths
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from infra.dvc_files import lock_outs
 from infra.files import sha256_file
 from models.config import DrivingVLAConfig
 
@@ -64,21 +65,16 @@ def model_version(weights: str | Path, override: str | None = None) -> str:
 
 
 def dvc_versions(lock: str | Path = "dvc.lock") -> dict[str, str]:
-    """``{out path: md5}`` of every stage output recorded in ``dvc.lock`` (empty if there is none)."""
+    """``{out path: md5}`` of every stage output recorded in ``lock`` (empty if there is none)."""
     lock = Path(lock)
     if not lock.is_file():
         return {}
     try:
-        data = yaml.safe_load(lock.read_text()) or {}
+        versions = lock_outs(lock.parent, lock.name)
     except yaml.YAMLError as exc:
         log.warning("%s is not valid YAML (%s); treating outputs as unversioned", lock, exc)
         return {}
-    versions = {}
-    for stage in (data.get("stages") or {}).values():
-        for out in stage.get("outs") or []:
-            if isinstance(out, dict) and "path" in out:
-                versions[str(out["path"]).rstrip("/")] = str(out.get("md5") or out.get("etag") or UNVERSIONED)
-    return versions
+    return {path: md5 or UNVERSIONED for path, md5 in versions.items()}
 
 
 def data_version(data_path: str | Path, lock: str | Path = "dvc.lock") -> str:

@@ -16,10 +16,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import get_run_logger, task
 
 from infra.packages import MissingPackage
+from infra.dvc_files import lock_outs
 from infra.registry import (DEFAULT_MODEL, Decision, ModelStore, Pointer, PromotionThresholds, RegistryError,
                             assign_stage, collect_files, commit_lineage, judge, model_card_markdown,
                             register_version, stage_outputs_in_git, stage_version)
@@ -80,9 +80,7 @@ def _md5(path: Path) -> str:
 def _files_in_dir_out(root: Path, out: str) -> list[str]:
     """The files of a directory output that differ from DVC's listing of it (the ``.dir`` object in the
     cache), to name them; the directory itself when the listing is not in the cache."""
-    lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
-    md5 = next((o.get("md5", "") for stage in (lock.get("stages") or {}).values()
-                for o in stage.get("outs", []) if o.get("path") == out), "")
+    md5 = lock_outs(root).get(out.rstrip("/"), "")
     listing = root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
     if not md5.endswith(".dir") or not listing.is_file():
         return [out]
