@@ -118,12 +118,16 @@ def run(cfg: Any, params: EvaluateParams | None = None) -> dict[str, Any]:
         finally:
             env.close()
     bar.close()
+    t_commands = time.perf_counter()
     commands = _command_following(cfg, p, cmd_scenarios, model, device, threads, state, resume)
+    command_seconds = round(time.perf_counter() - t_commands, 2)
 
     ordered = [records[f"{s}/{i}"] for s in scenarios for i in range(p.episodes)]
     per_scenario = {s: summarise([r for r in ordered if r["scenario"] == s]) for s in scenarios}
     metrics = {**summarise(ordered), "scenarios": per_scenario, **command_metrics(commands),
                "seconds": round(time.perf_counter() - t0, 2)}
+    if commands:
+        metrics["command_seconds"] = command_seconds
 
     plots_dir = Path(p.plots_dir)
     scores_png = plot_scores(per_scenario, metrics, plots_dir / SCORES_PLOT,

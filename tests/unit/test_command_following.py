@@ -1,6 +1,8 @@
 """Command following: the judge on hand-made trajectories, the rates, and choosing the command at reset."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -165,3 +167,15 @@ def test_the_counterfactual_harness_drives_one_seed_with_two_commands():
     # Driving straight on follows "follow the lane" and ignores "change to the left lane".
     assert keep["followed"] and keep["observed"] == KEPT_LANE
     assert not left["followed"] and left["observed"] == KEPT_LANE
+
+
+def test_the_language_benchmark_writes_rates_and_the_ceiling(tmp_path):
+    from benchmarks.language import main
+
+    out = tmp_path / "language.json"
+    results = main(["--seeds", "1", "--scenarios", "merge", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["drivers"]["expert"] == results["drivers"]["expert"]
+    assert saved["drivers"]["expert"]["by_command"].keys() == {captions.MERGE}
+    assert [e["command"] for e in saved["episodes"]["expert"]] == [captions.MERGE]
+    assert saved["drivers"]["expert"]["pairs"] == 0 and saved["drivers"]["expert"]["counterfactual_rate"] is None
