@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from models import DrivingVLA
-from stages.envs import EnvConfig
+from stages.envs import SCENARIOS as ALL_SCENARIOS, EnvConfig
 from stages.evaluate_commands import command_scenarios, drive_commands, expert_driver, model_driver
 from stages.metrics.commands import summarise
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scenarios = [s for s in args.scenarios.split(",") if s]
     if command_scenarios(scenarios) != scenarios:
         parser.error(f"--scenarios {args.scenarios}: each needs a command to choose, one of "
-                     f"{command_scenarios(['highway', 'urban', 'roundabout', 'merge', 'night', 'rain'])}")
+                     f"{command_scenarios(ALL_SCENARIOS)}")
     seeds = [args.seed + SEED_OFFSET + i for i in range(args.seeds)]
     runs: list[tuple[str, Any, EnvConfig]] = []
     if not args.no_expert:

@@ -23,6 +23,7 @@ import torch
 
 from stages.envs import captions, make_env
 from stages.envs.config import EnvConfig
+from stages.envs.scenarios import SCENARIOS
 from stages.envs.highway.missions import (
     LANE_CHANGE_SECONDS, IntersectionMission, MergeMission, OpenRoadMission, RoundaboutMission, commands_for,
     mission_for)
@@ -143,7 +144,7 @@ def drive_commands(env_cfg: EnvConfig, driver: Driver, scenarios: Sequence[str],
         commands = commands_for(scenario)
         if not commands:
             raise ValueError(f"scenario {scenario!r} has no command to choose; pick from those with one: "
-                             f"{command_scenarios(['highway', 'urban', 'roundabout', 'merge', 'night', 'rain'])}")
+                             f"{command_scenarios(SCENARIOS)}")
         todo = [(seed, c) for seed in seeds for c in commands if f"{scenario}/{seed}/{c}" not in records]
         if not todo:
             continue
