@@ -212,7 +212,9 @@ class PromoteParams(_Strict):
 
     score_metric: str = "driving_score"
     min_driving_score_delta: float = Field(0.01, description="the candidate must beat production by this much")
-    max_drop: dict[str, float] = {"route_completion": 0.05}
+    # command_following_rate (metrics/evaluate.json): a candidate may not follow its commands worse than
+    # production; skipped while either has none (e.g. a production model evaluated before it existed).
+    max_drop: dict[str, float] = {"route_completion": 0.05, "command_following_rate": 0.0}
     max_rise: dict[str, float] = {"collisions_per_km": 0.5}
     parity_metric: str = "onnx_max_abs_error"
     max_parity_error: float = Field(1e-4, gt=0)

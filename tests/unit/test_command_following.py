@@ -179,3 +179,24 @@ def test_the_language_benchmark_writes_rates_and_the_ceiling(tmp_path):
     assert saved["drivers"]["expert"]["by_command"].keys() == {captions.MERGE}
     assert [e["command"] for e in saved["episodes"]["expert"]] == [captions.MERGE]
     assert saved["drivers"]["expert"]["pairs"] == 0 and saved["drivers"]["expert"]["counterfactual_rate"] is None
+
+
+def test_a_candidate_that_follows_commands_worse_than_production_is_not_promoted():
+    from infra.registry import PromotionThresholds, judge as promotion
+    from stages.config import PromoteParams
+    from stages.evaluate import command_metrics
+
+    def metrics(followed: list[bool]) -> dict:
+        records = {f"urban/1/{c}": {"scenario": "urban", "seed": 1, "command": c, "observed": "left", "followed": f}
+                   for c, f in zip(("left", "straight", "right"), followed)}
+        return {"driving_score": 0.8, "route_completion": 0.9, "collisions_per_km": 0.0, "onnx_max_abs_error": 1e-7,
+                **command_metrics({"policy": records})}
+
+    # The config's promote section (what flows/promote.py hands the registry) guards the rate.
+    thresholds = PromotionThresholds(**PromoteParams().model_dump(include=set(PromotionThresholds.model_fields)))
+    production = {**metrics([True, True, False]), "driving_score": 0.7}
+    worse = promotion(metrics([True, False, False]), production, thresholds)
+    assert not worse.accepted and any("command_following_rate" in r for r in worse.reasons)
+    assert promotion(metrics([True, True, False]), production, thresholds).accepted
+    assert promotion(metrics([True, False, False]), {"driving_score": 0.7}, thresholds).accepted, \
+        "a production model without the metric does not block"
