@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from models import DrivingVLA
+from stages.common import torch_threads
 from stages.envs import SCENARIOS as ALL_SCENARIOS, EnvConfig
 from stages.evaluate_commands import command_scenarios, drive_commands, expert_driver, model_driver
 from stages.metrics.commands import summarise
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--no-expert", action="store_true", help="skip the expert's ceiling")
     parser.add_argument("--sample", action="store_true", help="sample the policy's actions (default: its mode)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (one observation at a time: "
+                                                                 "more threads only contend on a busy machine)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "drivers": {}, "seconds": {}, "episodes": {}}
     for name, driver, env_cfg in runs:
         t0 = time.perf_counter()
-        records = drive_commands(env_cfg, driver, scenarios, seeds)
+        with torch_threads(args.threads):
+            records = drive_commands(env_cfg, driver, scenarios, seeds)
         results["seconds"][name] = round(time.perf_counter() - t0, 1)
         results["drivers"][name] = summarise(list(records.values()))
         results["episodes"][name] = list(records.values())
