@@ -96,10 +96,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["drivers"][name] = summarise(list(records.values()))
         results["episodes"][name] = list(records.values())
         print(f"{name}: {len(records)} episodes in {results['seconds'][name]} s", flush=True)
-    table = format_table(results)
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+        # Written after every driver: a long run stopped half-way keeps what it measured.
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(format_table(results))
     print(f"wrote {args.out}")
     return results
 
