@@ -41,7 +41,9 @@ class PromotionThresholds(BaseModel):
     min_driving_score_delta: float = Field(
         0.01, description="candidate score − production score must be at least this (>0: strictly better)")
     # Guard metrics: each may get worse by at most the given amount.
-    max_drop: dict[str, Limit] = Field({"route_completion": 0.05},
+    # command_following_rate (metrics/evaluate.json): a candidate may not follow its commands worse than
+    # production; the check is skipped while either has none (a production model evaluated before it).
+    max_drop: dict[str, Limit] = Field({"route_completion": 0.05, "command_following_rate": 0.0},
                                        description="higher-is-better metric -> largest allowed drop")
     max_rise: dict[str, Limit] = Field({"collisions_per_km": 0.5},
                                        description="lower-is-better metric -> largest allowed rise")

@@ -188,11 +188,19 @@ class EvaluateParams(_Strict):
     gif_max_frames: int = Field(120, ge=2, le=2000, description="frames kept for the GIF (evenly spaced)")
     cpu_threads: int | None = Field(1, ge=1, description="torch CPU threads while driving (one observation at "
                                                          "a time); None: torch's default")
+    command_episodes: int = Field(2, ge=0, le=10_000, description="command following: seeds per scenario, each "
+                                                                  "driven once per command; 0: not measured")
+    command_scenarios: list[ScenarioName] | None = Field(
+        None, description="scenarios whose command is chosen; None: those of `scenarios` that have one")
+    command_expert: bool = Field(True, description="drive the scripted expert on the same seeds and commands "
+                                                   "(the ceiling of the rates)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "EvaluateParams":
-        if self.scenarios is not None and len(set(self.scenarios)) != len(self.scenarios):
-            raise ValueError(f"scenarios={self.scenarios} lists a scenario twice")
+        for key in ("scenarios", "command_scenarios"):
+            names = getattr(self, key)
+            if names is not None and len(set(names)) != len(names):
+                raise ValueError(f"{key}={names} lists a scenario twice")
         if self.gif_max_frames < self.strip_frames:
             raise ValueError(f"gif_max_frames={self.gif_max_frames} must be >= strip_frames={self.strip_frames} "
                              "(the strip is drawn from the kept frames)")
@@ -248,9 +256,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "ppo": {"num_steps": 32, "batch_size": 16, "num_epochs": 1},
                    "sac": {"batch_size": 8, "learning_starts": 16, "buffer_size": 256}},
         "export": {"parity_batch_sizes": [1, 7, 32], "latency_iters": 5, "latency_warmup": 1},
-        "evaluate": {"scenarios": ["highway", "urban"], "episodes": 1, "strip_frames": 6, "gif_max_frames": 30},
+        "evaluate": {"scenarios": ["highway", "urban"], "episodes": 1, "strip_frames": 6, "gif_max_frames": 30,
+                     "command_episodes": 1},
     },
-    "demo": {"evaluate": {"scenarios": ["highway", "urban", "night", "rain"], "episodes": 2},
+    "demo": {"evaluate": {"scenarios": ["highway", "urban", "night", "rain"], "episodes": 2,
+                          "command_scenarios": ["highway", "urban"]},
              # PPO, about 6-7 min on 2 CPU cores and the same figures on every run: frozen encoders
              # (cheap updates), a critic warm-up (the stage-2 value head does not know the online
              # reward), 50 held-out episodes per side, the best of the validation scores kept.
@@ -269,7 +279,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"size": "base", "image_size": 224},
         "env": {"backend": "carla", "scenario": "urban", "image_size": 224, "max_episode_steps": 1000},
         "data": {"episodes": 200},
-        "evaluate": {"scenarios": ["urban", "highway", "night", "rain"], "episodes": 10, "blocked_seconds": 180.0},
+        # No command can be chosen on the CARLA backend yet (its route planner picks the turns).
+        "evaluate": {"scenarios": ["urban", "highway", "night", "rain"], "episodes": 10, "blocked_seconds": 180.0,
+                     "command_episodes": 0},
         "pretrain": {"epochs": 20, "batch_size": 256},
         "offline": {"epochs": 30, "batch_size": 256},
         "online": {"total_timesteps": 1_000_000,

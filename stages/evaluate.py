@@ -9,8 +9,15 @@ completion x infraction penalty, `stages.metrics.driving_score`), and the run re
 - ``metrics/evaluate.json``: ``driving_score``, ``route_completion``, ``infraction_penalty``,
   ``collisions_per_km``, ``infractions_per_km`` (+ by type), ``mean_speed`` (m/s), ``km_driven``,
   ``done_reasons``, ``episodes``, and the same per scenario under ``scenarios``;
+- command following (`stages.evaluate_commands`): in the scenarios whose command decides the manoeuvre
+  (``evaluate.command_scenarios``), ``evaluate.command_episodes`` held-out seeds each driven once per
+  command, the command chosen at reset: ``command_following_rate``, ``command_following/<command>``,
+  ``counterfactual_rate`` (same seed, two commands, both followed), ``counterfactual_differs`` and, with
+  ``evaluate.command_expert``, the scripted expert's own figures (``command_following_expert_rate``,
+  ``counterfactual_expert_rate``, ``command_following_expert/<command>``: the ceiling); details under
+  ``commands``;
 - ``<plots_dir>/evaluate_scores.png``: per-scenario bars of route completion, infraction penalty and
-  driving score, and of collisions and infractions per km;
+  driving score, of collisions and infractions per km, and the command-following rates per command;
 - ``<plots_dir>/evaluate_strip.png``: frames of the first episode of the first scenario, with the
   time, speed and command under each;
 - ``<out>/``: ``episodes.json`` (every episode's record, the config and the checkpoint's digest) and
@@ -37,6 +44,9 @@ from stages.common import (StageInputError, resolve_device, save_figure, seed_ev
                            torch_threads, write_json)
 from stages.config import EvaluateParams
 from stages.envs import make_env
+from stages.envs.scenarios import SCENARIOS
+from stages.evaluate_commands import command_scenarios, drive_commands, expert_driver, model_driver
+from stages.metrics.commands import summarise as summarise_commands
 from stages.metrics.driving_score import summarise
 from stages.resume import ResumePoint, fingerprint
 from stages.rl.evaluation import rollout_policy, step_seconds
@@ -73,9 +83,11 @@ def run(cfg: Any, params: EvaluateParams | None = None) -> dict[str, Any]:
     resume = ResumePoint(STAGE, fingerprint(p.model_copy(update={"out": "", "plots_dir": ""}), cfg.env,
                                             cfg.seed, digest))
     state = resume.load() or {"records": {}, "media": None}
+    state.setdefault("commands", {"policy": {}, "expert": {}})
     records: dict[str, dict[str, Any]] = state["records"]
     media: dict[str, Any] | None = state["media"]
     seeds = [cfg.seed + p.seed_offset + i for i in range(p.episodes)]
+    cmd_scenarios = _command_scenarios(cfg, p, scenarios)
 
     t0 = time.perf_counter()
     bar = tqdm(total=len(scenarios) * p.episodes, initial=len(records), desc="evaluate", unit="ep")
@@ -106,20 +118,27 @@ def run(cfg: Any, params: EvaluateParams | None = None) -> dict[str, Any]:
         finally:
             env.close()
     bar.close()
+    t_commands = time.perf_counter()
+    commands = _command_following(cfg, p, cmd_scenarios, model, device, threads, state, resume)
+    command_seconds = round(time.perf_counter() - t_commands, 2)
 
     ordered = [records[f"{s}/{i}"] for s in scenarios for i in range(p.episodes)]
     per_scenario = {s: summarise([r for r in ordered if r["scenario"] == s]) for s in scenarios}
-    metrics = {**summarise(ordered), "scenarios": per_scenario, "seconds": round(time.perf_counter() - t0, 2)}
+    metrics = {**summarise(ordered), "scenarios": per_scenario, **command_metrics(commands),
+               "seconds": round(time.perf_counter() - t0, 2)}
+    if commands:
+        metrics["command_seconds"] = command_seconds
 
     plots_dir = Path(p.plots_dir)
     scores_png = plot_scores(per_scenario, metrics, plots_dir / SCORES_PLOT,
-                             title=f"{checkpoint} on held-out seeds ({p.episodes} per scenario)")
+                             title=f"{checkpoint} on held-out seeds ({p.episodes} per scenario)",
+                             commands=metrics.get("commands"))
     strip_png = plot_strip(media, plots_dir / STRIP_PLOT, p.strip_frames) if media else None
     with staged_dir(p.out) as tmp:
         write_json(tmp / EPISODES_FILE, {
             "checkpoint": str(checkpoint), "checkpoint_sha256": digest, "seeds": seeds,
             "scenarios": scenarios, "params": p.model_dump(mode="json"), "env": cfg.env.model_dump(mode="json"),
-            "episodes": ordered})
+            "episodes": ordered, "command_episodes": {k: list(v.values()) for k, v in commands.items()}})
         if p.gif and media:
             write_gif(media, tmp / GIF_FILE)
     write_json(Path(cfg.metrics_dir) / f"{STAGE}.json", metrics)
@@ -132,6 +151,64 @@ def run(cfg: Any, params: EvaluateParams | None = None) -> dict[str, Any]:
     if p.gif and media:
         paths["gif"] = str(Path(p.out) / GIF_FILE)
     return {"paths": paths, "metrics": metrics}
+
+
+def _command_scenarios(cfg: Any, p: EvaluateParams, scenarios: list[str]) -> list[str]:
+    """The scenarios whose command is chosen (checked before any driving)."""
+    if p.command_episodes == 0:
+        return []
+    if cfg.env.backend != "highway":
+        log.warning("command following is measured on the highway backend only; env.backend=%s: skipped",
+                    cfg.env.backend)
+        return []
+    if p.command_scenarios is None:
+        return command_scenarios(scenarios)
+    lacking = [s for s in p.command_scenarios if s not in command_scenarios([s])]
+    if lacking:
+        raise StageInputError(f"evaluate.command_scenarios={p.command_scenarios}: {lacking} have no command to "
+                              f"choose; pick from {command_scenarios(SCENARIOS)}")
+    return list(p.command_scenarios)
+
+
+def _command_following(cfg: Any, p: EvaluateParams, scenarios: list[str], model: Any, device: str,
+                       threads: int | None, state: dict[str, Any], resume: ResumePoint) -> dict[str, dict[str, Any]]:
+    """Drive every (scenario, seed, command) with the policy (and the expert); resumable per episode."""
+    if not scenarios:
+        return {}
+    seeds = [cfg.seed + p.seed_offset + i for i in range(p.command_episodes)]
+    drivers = {"policy": model_driver(model, device, p.deterministic)}
+    if p.command_expert:
+        drivers["expert"] = expert_driver()
+    out = {}
+    for name, driver in drivers.items():
+        done = state["commands"][name]
+
+        def save(key: str, record: dict[str, Any], done: dict[str, Any] = done) -> None:
+            done[key] = record
+            resume.save(state)
+
+        with torch_threads(threads):
+            out[name] = drive_commands(cfg.env, driver, scenarios, seeds, p.blocked_seconds, done, save)
+    return out
+
+
+def command_metrics(commands: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Flat command-following keys (what promotion and the stage's artifact read) and the details."""
+    if not commands:
+        return {}
+    out: dict[str, Any] = {}
+    details = {}
+    for name, records in commands.items():
+        s = summarise_commands(list(records.values()))
+        details[name] = s
+        suffix = "" if name == "policy" else f"_{name}"
+        out[f"command_following{suffix}_rate"] = s["command_following_rate"]
+        out[f"counterfactual{suffix}_rate"] = s["counterfactual_rate"]
+        out.update({f"command_following{suffix}/{c}": rate for c, rate in s["by_command"].items()})
+    out["counterfactual_differs"] = details["policy"]["counterfactual_differs"]
+    out["command_episodes"] = details["policy"]["episodes"]
+    out["commands"] = details
+    return out
 
 
 def _load_checkpoint(path: Path, image_size: int, device: str) -> Any:
@@ -171,9 +248,10 @@ def _keep_media(r: dict[str, Any], max_frames: int, dt: float) -> dict[str, Any]
 # ------------------------------------------------------------------------------------------------
 
 def plot_scores(per_scenario: dict[str, dict[str, Any]], overall: dict[str, Any], path: str | Path,
-                title: str = "") -> Path:
+                title: str = "", commands: dict[str, dict[str, Any]] | None = None) -> Path:
     """Per-scenario (and overall) bars: route completion, infraction penalty, driving score; and
-    collisions and infractions per km, with the mean speed under each scenario's name."""
+    collisions and infractions per km, with the mean speed under each scenario's name; with
+    ``commands`` (`command_metrics`' details), a third panel of command-following rates."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,7 +261,13 @@ def plot_scores(per_scenario: dict[str, dict[str, Any]], overall: dict[str, Any]
     names = list(groups)
     labels = [f"{n}\n{groups[n]['mean_speed']:.1f} m/s" for n in names]
     x = np.arange(len(names))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(max(8.0, 2.6 * len(names)), 4.2))
+    width = max(8.0, 2.6 * len(names))
+    if commands:
+        fig, (left, right, third) = plt.subplots(1, 3, figsize=(width + 7.0, 4.2),
+                                                 gridspec_kw={"width_ratios": [1, 1, 1.2]})
+        plot_commands(third, commands)
+    else:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(width, 4.2))
     for k, (key, label) in enumerate([("route_completion", "route completion"),
                                       ("infraction_penalty", "infraction penalty"),
                                       ("driving_score", "driving score")]):
@@ -207,6 +291,27 @@ def plot_scores(per_scenario: dict[str, dict[str, Any]], overall: dict[str, Any]
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, Path(path))
+
+
+def plot_commands(ax: Any, commands: dict[str, dict[str, Any]]) -> None:
+    """Bars of the command-following rate per command and of the counterfactual rate, per driver."""
+    policy = commands["policy"]
+    keys = list(policy["by_command"]) + ["counterfactual"]
+    x = np.arange(len(keys))
+    drivers = list(commands)
+    w = 0.8 / len(drivers)
+    for k, name in enumerate(drivers):
+        s = commands[name]
+        values = [s["by_command"].get(c) for c in keys[:-1]] + [s["counterfactual_rate"]]
+        bars = ax.bar(x + (k - (len(drivers) - 1) / 2) * w, [0.0 if v is None else v for v in values], w,
+                      label=name if name == "policy" else f"{name} (ceiling)")
+        ax.bar_label(bars, labels=["n/a" if v is None else f"{v:.2f}" for v in values], fontsize=6)
+    ax.set_xticks(x, [textwrap.fill(k, 14) for k in keys], fontsize=6)
+    ax.set_ylim(0, 1.3)
+    ax.set_ylabel("command followed (fraction)")
+    ax.set_title(f"command following ({policy['episodes']} episodes, {policy['pairs']} same-seed pairs)", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", ncol=2, frameon=False)
 
 
 def plot_strip(media: dict[str, Any], path: str | Path, count: int = 8) -> Path:

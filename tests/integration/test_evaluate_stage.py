@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from stages.common import StageInputError
+from stages.envs import captions
 from stages.config import build_config
 from stages.evaluate import DEFAULT_SEED_OFFSET, EvaluateParams, run
 from stages.rl.evaluation import evaluate_policy, rollout_policy
@@ -44,7 +45,7 @@ def checkpoint(cfg, tmp_path_factory) -> Path:
 
 def params(checkpoint: Path, **extra) -> EvaluateParams:
     base = {"checkpoint": str(checkpoint), "scenarios": ["highway", "urban"], "episodes": 1,
-            "strip_frames": 6, "gif_max_frames": 30}
+            "strip_frames": 6, "gif_max_frames": 30, "command_episodes": 1}
     return EvaluateParams.model_validate({**base, **extra})
 
 
@@ -75,11 +76,24 @@ def test_evaluate_writes_metrics_plots_and_an_episode(cfg, checkpoint, tmp_path,
     assert gif.format == "GIF" and 2 <= gif.n_frames <= 30
     assert not (tmp_path / "runs/evaluate/resume.pt").exists(), "a finished run leaves no resume state"
 
+    # Command following: every command of highway and urban, on the policy and on the expert.
+    commands = [captions.CHANGE_LEFT, captions.CHANGE_RIGHT, captions.FOLLOW_LANE,
+                captions.TURN_LEFT, captions.GO_STRAIGHT, captions.TURN_RIGHT]
+    for who in ("", "_expert"):
+        assert 0.0 <= m[f"command_following{who}_rate"] <= 1.0 and 0.0 <= m[f"counterfactual{who}_rate"] <= 1.0
+        assert {f"command_following{who}/{c}" for c in commands} <= set(m)
+    # One seed per scenario, three commands each: three same-seed pairs per scenario.
+    assert m["command_episodes"] == 6 and m["commands"]["policy"]["pairs"] == 6
+    driven = report["command_episodes"]["policy"]
+    assert sorted((e["scenario"], e["command"]) for e in driven) == sorted(
+        [("highway", c) for c in commands[:3]] + [("urban", c) for c in commands[3:]])
+    assert {e["seed"] for e in driven} == {cfg.seed + DEFAULT_SEED_OFFSET}
+
 
 def test_a_killed_evaluation_resumes_and_matches_a_fresh_one(cfg, checkpoint, tmp_path, monkeypatch):
     import stages.evaluate as evaluation  # the stage's own name for the rollout is what to patch
 
-    p = params(checkpoint, scenarios=["highway"], episodes=2, gif=False)
+    p = params(checkpoint, scenarios=["highway"], episodes=2, gif=False, command_episodes=0)
     fresh_dir = tmp_path / "fresh"
     fresh_dir.mkdir()
     monkeypatch.chdir(fresh_dir)
@@ -115,6 +129,38 @@ def test_a_killed_evaluation_resumes_and_matches_a_fresh_one(cfg, checkpoint, tm
         assert resumed[key] == pytest.approx(fresh[key]), key
 
 
+def test_a_run_killed_while_following_commands_resumes_without_driving_them_again(cfg, checkpoint, tmp_path,
+                                                                               monkeypatch):
+    import stages.evaluate_commands as harness
+
+    monkeypatch.chdir(tmp_path)
+    p = params(checkpoint, scenarios=["highway"], gif=False, command_expert=False)
+    real, calls = harness.drive_commanded, []
+
+    def dies_on_third(env, driver, seed, command, goal, blocked_seconds):
+        calls.append(command)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(env, driver, seed, command, goal, blocked_seconds)
+
+    monkeypatch.setattr(harness, "drive_commanded", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, p)
+    assert not (tmp_path / "metrics/evaluate.json").exists()
+    calls.clear()
+    monkeypatch.setattr(harness, "drive_commanded", lambda *a: calls.append(a[3]) or real(*a))
+    m = run(cfg, p)["metrics"]
+    assert calls == [captions.FOLLOW_LANE], "only the command not yet driven is driven again"
+    assert m["command_episodes"] == 3
+
+
+def test_command_scenarios_without_a_command_are_refused_before_driving(cfg, checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StageInputError, match="racetrack"):
+        run(cfg, params(checkpoint, command_scenarios=["racetrack"]))
+    assert not (tmp_path / "metrics").exists() and not (tmp_path / "reports").exists()
+
+
 def test_missing_checkpoint_is_a_clear_error_and_writes_nothing(cfg, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(StageInputError, match="run the online stage first"):
@@ -136,6 +182,8 @@ def test_params_refuse_bad_values():
         EvaluateParams(scenarios=["moon"])
     with pytest.raises(ValueError):
         EvaluateParams(episodes=0)
+    with pytest.raises(ValueError, match="command_scenarios"):
+        EvaluateParams(command_scenarios=["urban", "urban"])
 
 
 def test_command_line_overrides_and_errors(checkpoint, tmp_path):

@@ -63,14 +63,18 @@ class DrivingEnv(DrivingEnvBase):
 
     # -- the backend's part of the contract -----------------------------------------------------
     def _begin_episode(self, options: dict[str, Any]) -> dict[str, Any]:
+        # ``options["command"]``: the evaluation chooses the episode's command (see `missions`).
+        command = options.get("command")
+        start_config = self._mission_class.reset_config(command)    # refuses a command the scenario lacks
         sim_seed = int(self.np_random.integers(2**31 - 1))
         if self.sim is None:
             self.sim = self._make_sim()
+        self.sim.config.update(start_config)
         self.sim.reset(seed=sim_seed)
         self.ego = self.sim.vehicle
         self.ego.MIN_SPEED = 0.0
         self.ego.predict_trajectory_constant_speed = functools.partial(predict_constant_speed, self.ego)
-        self._plan_route()
+        self._plan_route(command)
         self._command = self.mission.command(self.route, self._time)
         self._frame = self.camera.render(self.sim, self.np_random)
         return self._info()
@@ -180,10 +184,11 @@ class DrivingEnv(DrivingEnvBase):
                         env_id, self.cfg.vehicles_count)
         return sim_class(mission.sim_mixin, env_id)(config=sim_cfg)
 
-    def _plan_route(self) -> None:
-        """Pick the mission (route, destination) of this episode and the route's length."""
+    def _plan_route(self, command: str | None = None) -> None:
+        """Pick the mission (route, destination) of this episode, for ``command`` when one is chosen,
+        and the route's length."""
         ego = self.ego
-        self.mission = self._mission_class(self.np_random)
+        self.mission = self._mission_class(self.np_random, command)
         episode_distance = 0.8 * self.target_speed * self.cfg.episode_seconds
         self.route, length = self.mission.plan(self.sim.road.network, ego, episode_distance)
         self.route.update(ego.position)
