@@ -393,7 +393,7 @@ def test_hand_edited_metrics_are_refused_and_production_record_kept(repo, store)
     original = path.read_text()
     path.write_text(json.dumps(dict(json.loads(original), driving_score=0.99)))
     try:
-        with pytest.raises(ModifiedOutputs, match=r"metrics/evaluate.json \(modified\).*git checkout -- metrics/evaluate.json"):
+        with pytest.raises(ModifiedOutputs, match=r"metrics/evaluate.json \(modified\).*dvc checkout"):
             promote(workdir=str(repo), thresholds=PromotionThresholds(min_driving_score_delta=-1.0))
     finally:
         path.write_text(original)
