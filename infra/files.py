@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "sha256_file", "sha256_bytes"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "replace_dir", "sha256_file", "sha256_bytes"]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -34,6 +35,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """:func:`atomic_write_bytes` for UTF-8 text."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def replace_dir(new: str | Path, dest: str | Path) -> None:
+    """Put the finished folder ``new`` at ``dest`` (a sibling of it): an existing ``dest`` is renamed
+    aside first and removed after, so a reader finds the old folder or the new one, never a mix."""
+    new, dest = Path(new), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
+        os.replace(dest, old / dest.name)
+    os.replace(new, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: str | Path, length: int = 64) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -24,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.files import sha256_bytes, sha256_file
+from infra.files import replace_dir, sha256_bytes, sha256_file
 from infra.manifest import RegistryError, check_file_name, check_version, parse_manifest, path_inside
 from infra.s3 import boto_exceptions, s3_errors
 
@@ -205,7 +204,7 @@ class ModelStore:
                     self.client.download_file(self.bucket, self.key(version, name), str(target))
                 if sha256_file(target) != entry["sha256"]:
                     raise RegistryError(f"{self.url(version, name)}: sha256 differs from the manifest")
-            _replace_dir(staging, dest)
+            replace_dir(staging, dest)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -255,17 +254,6 @@ class ModelStore:
         self._put(self.pointer_key, new.to_json().encode(), "application/json")
         log.info("registry: rolled %s back from %s to %s", self.pointer_key, old.version, previous)
         return new
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Put directory ``new`` at ``dest``; an existing ``dest`` is moved aside first, removed after."""
-    old = None
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
-        os.replace(dest, old / dest.name)
-    os.replace(new, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def model_card_markdown(model: str, version: str, card: dict[str, Any]) -> str:

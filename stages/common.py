@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from infra.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (the one home; re-exported for stages)
+from infra.files import atomic_write_bytes, atomic_write_text, replace_dir  # noqa: F401  (re-exported for stages)
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +83,7 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.staging."))
     try:
         yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from infra.files import replace_dir
 from stages.data.nuscenes_schema import (CAMERA_CHANNELS, CAN_BUS_UNUSABLE_SCENES, LIDAR_CHANNEL, SCENE_NAME_RE,
                                          TABLES, make_token, wrap_angle, yaw_to_quaternion)
 from stages.data.nuscenes_sensors import (BOX_HEIGHT, LIDAR_HEIGHT, MAP_MARGIN, camera_calibration, can_bus_messages,
@@ -264,14 +265,7 @@ def write_nuscenes(
     try:
         summary = _write_all(episodes, tmp, version, keyframe_every, other_agents, scene_names, dt, left_handed,
                              annotation_range, camera_fov_deg, location, can_names_ok)
-        if dataroot.exists():
-            old = dataroot.parent / f".{dataroot.name}.old-{os.getpid()}"
-            os.replace(dataroot, old)
-            os.replace(tmp, dataroot)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            dataroot.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, dataroot)
+        replace_dir(tmp, dataroot)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

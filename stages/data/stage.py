@@ -16,6 +16,7 @@ they were; a rerun with nothing to record leaves ``data/sim`` byte-identical.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from stages.common import atomic_write_text, seed_everything, stage_main, write_json
+from stages.common import atomic_write_bytes, atomic_write_text, seed_everything, stage_main, write_json
 from stages.config import PipelineConfig
 from stages.data.build import build_dataset, write_sim_as_nuscenes
 from stages.data.dataset import MANIFEST
@@ -49,9 +50,9 @@ def _fingerprint(cfg: PipelineConfig) -> str:
 
 
 def _save_episode(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plan_episodes(n: int, val_fraction: float, perturbed_fraction: float, seed: int) -> tuple[list[str], np.ndarray]:
