@@ -42,26 +42,22 @@ class StageSpec:
         return self.outs + self.metrics + self.plots
 
 
-def _paths(items: Any) -> tuple[str, ...]:
-    """``["a", {"b": {cache: false}}]`` → ``("a", "b")``."""
+def _entries(items: Any, expand: Any) -> tuple[str, ...]:
+    """A ``dvc.yaml`` list: a string stands for itself, a mapping for what ``expand`` makes of it."""
     out: list[str] = []
     for item in items or []:
-        if isinstance(item, str):
-            out.append(item)
-        elif isinstance(item, dict):
-            out += [str(k) for k in item]
+        out += [item] if isinstance(item, str) else expand(item) if isinstance(item, dict) else []
     return tuple(out)
+
+
+def _paths(items: Any) -> tuple[str, ...]:
+    """``["a", {"b": {cache: false}}]`` → ``("a", "b")``."""
+    return _entries(items, lambda d: [str(k) for k in d])
 
 
 def _param_names(items: Any) -> tuple[str, ...]:
     """Tracked params: ``"section"`` or ``{"file.yaml": [keys]}``."""
-    out: list[str] = []
-    for item in items or []:
-        if isinstance(item, str):
-            out.append(item)
-        elif isinstance(item, dict):
-            out += [str(k) for v in item.values() for k in (v or [])]
-    return tuple(out)
+    return _entries(items, lambda d: [str(k) for v in d.values() for k in (v or [])])
 
 
 def _read_yaml(path: Path) -> Any:

@@ -260,6 +260,11 @@ class _Training:
         return {"model": self.model, "critic": self.critic, "optim": self.optim}
 
 
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """Train on this process, or as one rank of a ``torchrun`` job (data parallel, rank 0 writes)."""
+    return run_on_ranks(cfg, _run)
+
+
 def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
     t = _init(cfg, dist)
     t0 = time.perf_counter()
@@ -432,11 +437,6 @@ def _write_outputs(t: _Training, reports: dict[str, Any], metrics: dict[str, Any
     write_json(metrics_dir / "offline_history.json", t.history)
     write_json(metrics_dir / "offline_open_loop.json", reports)
     t.resume.clear()
-
-
-def run(cfg: PipelineConfig) -> dict[str, Any]:
-    """Train on this process, or as one rank of a ``torchrun`` job (data parallel, rank 0 writes)."""
-    return run_on_ranks(cfg, _run)
 
 
 def main() -> None:

@@ -135,6 +135,11 @@ class _Run:
         return evaluate(self.model, self.eval_env, episodes, seed, self.device)
 
 
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """Train on this process, or as one rank of a ``torchrun`` job (rank 0 evaluates and writes)."""
+    return run_on_ranks(cfg, _run)
+
+
 def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
     r = _init(cfg, dist)
     try:
@@ -260,11 +265,6 @@ def _from_rank0(dist: Distributed, value: Any) -> Any:
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def run(cfg: PipelineConfig) -> dict[str, Any]:
-    """Train on this process, or as one rank of a ``torchrun`` job (rank 0 evaluates and writes)."""
-    return run_on_ranks(cfg, _run)
 
 
 def main() -> None:

@@ -169,6 +169,11 @@ class _Training:
     embed: Embed | None = None
 
 
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """Train on this process, or as one rank of a ``torchrun`` job (data parallel, rank 0 writes)."""
+    return run_on_ranks(cfg, _run)
+
+
 def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
     t = _init(cfg, dist)
     t0 = time.perf_counter()
@@ -252,11 +257,6 @@ def _write_outputs(t: _Training, metrics: dict[str, Any]) -> None:
     write_json(Path(t.cfg.metrics_dir) / "pretrain.json", metrics)
     write_json(Path(t.cfg.metrics_dir) / "pretrain_history.json", t.history)
     t.resume.clear()
-
-
-def run(cfg: PipelineConfig) -> dict[str, Any]:
-    """Train on this process, or as one rank of a ``torchrun`` job (data parallel, rank 0 writes)."""
-    return run_on_ranks(cfg, _run)
 
 
 def main() -> None:

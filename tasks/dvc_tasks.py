@@ -29,6 +29,7 @@ from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 
 from infra.files import atomic_write_bytes, atomic_write_text
+from infra.processes import alive
 from infra.s3 import checksum_env
 from stages.config import read_params
 from tasks.dvc_project import DVC_YAML, load_dvc_lock, stage_names
@@ -149,16 +150,6 @@ STOP_GRACE_S = 5.0
 _LIVE_GROUPS: set[int] = set()
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
     """Stop ``proc`` and every process of its group (DVC and the stage it runs): SIGTERM, then SIGKILL
     after ``grace_s``, then wait until none is left, so no stage outlives the run that started it."""
@@ -167,7 +158,7 @@ def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
     def gone_within(seconds: float) -> bool:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if proc.poll() is not None and not _group_alive(pgid):
+            if proc.poll() is not None and not alive(pgid, group=True):
                 return True
             time.sleep(0.05)
         return False
@@ -241,7 +232,7 @@ def run_streaming(cmd: list[str], cwd: str | Path, timeout_s: float | None = Non
     finally:
         if timer:
             timer.cancel()
-        if proc.poll() is None or _group_alive(proc.pid):
+        if proc.poll() is None or alive(proc.pid, group=True):
             stop_group(proc)
         _LIVE_GROUPS.discard(proc.pid)
     if timed_out.is_set():

@@ -4,13 +4,13 @@ containers, recognising the orphans of dead runs and reaping them — and never 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from pathlib import Path
 from typing import Any
 
 from infra.carla.engine import remove_container
 from infra.carla.ports import ServerPorts
+from infra.processes import alive
 
 __all__ = ["LABEL_DETACHED", "LABEL_FLOW_RUN_ID", "LABEL_FLOW_RUN_NAME", "LABEL_GPU", "LABEL_HOST", "LABEL_INDEX",
            "LABEL_MANAGED", "LABEL_OWNER", "LABEL_PID", "LABEL_PID_START", "LABEL_PORTS", "LABEL_SESSION",
@@ -45,13 +45,7 @@ def process_start(pid: int) -> str | None:
 
 
 def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return alive(pid)
 
 
 def managed_containers(client: Any, owner: str | None = None, **labels: str) -> list[Any]:
