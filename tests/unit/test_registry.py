@@ -228,13 +228,18 @@ def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def new_git_repo(path: Path) -> Path:
+    """An empty git repository at ``path`` with a committer set."""
+    path.mkdir()
+    git(path, "init", "-q")
+    git(path, "config", "user.email", "t@drivevla.org")
+    git(path, "config", "user.name", "tests")
+    return path
+
+
 @pytest.fixture
 def repo(tmp_path) -> Path:
-    r = tmp_path / "repo"
-    r.mkdir()
-    git(r, "init", "-q")
-    git(r, "config", "user.email", "t@drivevla.org")
-    git(r, "config", "user.name", "tests")
+    r = new_git_repo(tmp_path / "repo")
     (r / "dvc.yaml").write_text("stages: {}\nartifacts:\n  driving-policy:\n    path: exports/policy.onnx\n    type: model\n")
     (r / "code.py").write_text("x = 1\n")
     git(r, "add", "-A")
@@ -469,11 +474,7 @@ def dvc_repo(tmp_path) -> Path:
     """A git + DVC repo with one stage writing a git-tracked metric and a DVC-cached exports/ dir."""
     import sys
 
-    r = tmp_path / "dvcrepo"
-    r.mkdir()
-    git(r, "init", "-q")
-    git(r, "config", "user.email", "t@drivevla.org")
-    git(r, "config", "user.name", "tests")
+    r = new_git_repo(tmp_path / "dvcrepo")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=r, check=True)
     (r / "make.py").write_text(
         "import json, pathlib\n"
