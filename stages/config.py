@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from infra.carla.config import CarlaServerConfig
 from infra.promotion import PromotionThresholds as PromoteParams  # the one thresholds type (promotion owns it)
-from stages.config_model import STRICT_CONFIG, StrictModel
+from stages.config_model import StrictModel
 from stages.envs.config import EnvConfig, ScenarioName
 from stages.rl.configs import PPOConfig, SACConfig
 
@@ -211,12 +211,6 @@ class EvaluateParams(_Strict):
 # promotion flow: infra owns it (stages may import infra; infra may not import stages).
 
 
-class CarlaParams(CarlaServerConfig):
-    """`CarlaServerConfig` (infra cannot derive from stages' base) under the same finite-number rule."""
-
-    model_config = ConfigDict(**STRICT_CONFIG)
-
-
 class PipelineConfig(_Strict):
     preset: PresetName = "demo"
     seed: int = 0
@@ -231,7 +225,7 @@ class PipelineConfig(_Strict):
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
     promote: PromoteParams = PromoteParams()
-    carla: CarlaParams = CarlaParams()
+    carla: CarlaServerConfig = CarlaServerConfig()
 
     @model_validator(mode="after")
     def _one_discount(self) -> "PipelineConfig":

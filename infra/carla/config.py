@@ -13,7 +13,7 @@ PORTS_PER_SERVER = 4
 class CarlaServerConfig(BaseModel):
     """How to run `carlasim/carla:<tag>` containers: image, flags, GPUs, network, health and restarts."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     image: str = Field("carlasim/carla", min_length=1, description="image repository")
     # 0.9.16 matches the `carla==0.9.16` pip client; 0.9.15 needs the third-party `carla-0-9-15` client.
