@@ -185,13 +185,20 @@ class DrivingEnvBase(gym.Env):
     def _observe(self, info: dict[str, Any]) -> dict[str, Any]:
         """The observation of the contract, from the step's info and the backend's frame and command."""
         a = self._last_action
+        lateral, heading = self._tracking_error(info)
         state = make_state({
-            "speed": info["speed"], "lateral_offset": info["lane_deviation"],
-            "heading_error": info["heading_error"], "last_throttle": a[0], "last_steer": a[1],
+            "speed": info["speed"], "lateral_offset": lateral,
+            "heading_error": heading, "last_throttle": a[0], "last_steer": a[1],
             "last_brake": a[2], "front_distance": min(self._front_gap(), FRONT_DISTANCE_MAX),
             "route_completion": info["route_completion"],
         })
         return {"image": self._frame, "state": state, "command": sanitize_command(self._command)}
+
+    def _tracking_error(self, info: dict[str, Any]) -> tuple[float, float]:
+        """The state's lateral offset (m) and heading error (rad): to the lane the route wants, the
+        error a driver nulls. The info's ``lane_deviation`` / ``heading_error`` are to the lane the car
+        is in; a backend whose route can want another lane (a lane change) overrides this."""
+        return float(info["lane_deviation"]), float(info["heading_error"])
 
     # -- what a backend implements ---------------------------------------------------------------
     def _begin_episode(self, options: dict[str, Any]) -> dict[str, Any]:

@@ -23,8 +23,8 @@ ACTION_HIGH = np.array([1.0, 1.0, 1.0], dtype=np.float32)
 
 STATE_FIELDS: tuple[str, ...] = (
     "speed",               # m/s, along the heading
-    "lateral_offset",      # m from the reference lane centre, positive to the right
-    "heading_error",       # rad, ego heading minus lane direction, positive to the right
+    "lateral_offset",      # m from the centre of the lane the route wants, positive to the right
+    "heading_error",       # rad, ego heading minus that lane's direction, positive to the right
     "last_throttle",
     "last_steer",
     "last_brake",
