@@ -44,6 +44,10 @@ class DrivingVLAConfig(BaseModel):
         "constant_velocity", description="constant_velocity: the head predicts corrections to driving on "
                                          "straight at the current speed (state[0]), which it sees directly")
     state_dim: int = Field(8, ge=1, description="length of the ego-state vector")
+    state_skip: bool = Field(False, description="add a linear map of the normalised ego state to the fused "
+                                                "features, so every head reads the state directly")
+    ignored_state: list[int] = Field(default_factory=list, description="indices of state entries the model "
+                                                                        "reads as zero (e.g. the last action)")
     patch_size: int = Field(16, ge=1, description="side of a square ViT patch in pixels")
     hidden_dim: int = Field(768, ge=1, description="width of every transformer")
     vision_layers: int = Field(12, ge=1)
@@ -69,6 +73,8 @@ class DrivingVLAConfig(BaseModel):
             raise ValueError(
                 f"hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})"
             )
+        if any(not 0 <= i < self.state_dim for i in self.ignored_state):
+            raise ValueError(f"ignored_state ({self.ignored_state}) must hold indices below state_dim ({self.state_dim})")
         if self.action_dim != 3:
             raise ValueError(
                 f"action_dim ({self.action_dim}) must be 3: the action is [throttle, steer, brake]"

@@ -161,6 +161,10 @@ class DrivingVLA(nn.Module):
         self.vision = VisionEncoder(cfg)
         self.text = TextEncoder(cfg)
         self.state_encoder = MLP(cfg.state_dim, dim, dim)
+        # The fusion transformer passes little of the state token to the readout (a linear probe of the
+        # features recovers a fraction of what the raw state tells about the expert's controls); a skip
+        # from the normalised state to the features gives every head a direct view of it.
+        self.state_skip = nn.Linear(cfg.state_dim, dim) if cfg.state_skip else None
         # Token types in the fusion sequence: 0 readout, 1 vision, 2 text, 3 state.
         self.readout_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.type_embed = nn.Parameter(torch.zeros(4, dim))
@@ -186,6 +190,8 @@ class DrivingVLA(nn.Module):
         # weights (set from the training data by the offline stage).
         self.register_buffer("state_mean", torch.zeros(cfg.state_dim))
         self.register_buffer("state_std", torch.ones(cfg.state_dim))
+        self.register_buffer("state_keep", torch.ones(cfg.state_dim), persistent=False)
+        self.ignore_state(cfg.ignored_state)
         times = cfg.waypoint_seconds * torch.arange(1, cfg.trajectory_length + 1, dtype=torch.float32)
         self.register_buffer("waypoint_times", times, persistent=False)
         self.register_buffer("action_low", torch.tensor(ACTION_LOW), persistent=False)
@@ -194,6 +200,9 @@ class DrivingVLA(nn.Module):
 
     def _init_weights(self) -> None:
         self.apply(init_weights)
+        if self.state_skip is not None:    # starts as no change to the features; training opens it
+            nn.init.zeros_(self.state_skip.weight)
+            nn.init.zeros_(self.state_skip.bias)
         for p in (self.vision.pos_embed, self.vision.cls_token, self.vision.camera_embed,
                   self.text.pos_embed, self.readout_token, self.type_embed):
             nn.init.trunc_normal_(p, std=0.02)
@@ -210,7 +219,7 @@ class DrivingVLA(nn.Module):
         """The fusion transformer's input ``[B, 1 + P + 2, hidden_dim]``: the readout token, then the
         vision, text and state tokens, each with its type embedding."""
         dtype = self.readout_token.dtype
-        state_token = self.state_encoder(state.to(dtype)).unsqueeze(1)
+        state_token = self.state_encoder((state * self.state_keep).to(dtype)).unsqueeze(1)
         batch = vision_tokens.shape[0]
         return torch.cat(
             [
@@ -225,7 +234,19 @@ class DrivingVLA(nn.Module):
     def compute_features(self, image: Tensor, state: Tensor, tokens: Tensor) -> Tensor:
         """Fused observation features ``[B, hidden_dim]`` (what the policy and trajectory heads read)."""
         _, vision_tokens = self.vision(image)
-        return self.fusion(self.fusion_sequence(vision_tokens, self.text(tokens), state))[:, 0]
+        return self.fuse(self.fusion_sequence(vision_tokens, self.text(tokens), state), state)
+
+    def fuse(self, sequence: Tensor, state: Tensor) -> Tensor:
+        """The features ``[B, hidden_dim]``: the fusion transformer's readout of ``sequence``, plus the
+        normalised state through the skip when the model has one."""
+        features = self.fusion(sequence)[:, 0]
+        if self.state_skip is not None:
+            features = features + self.state_skip(self.normalized_state(state).to(features.dtype))
+        return features
+
+    def normalized_state(self, state: Tensor) -> Tensor:
+        """The state standardised by the training data's statistics, ignored entries zero."""
+        return (state - self.state_mean) / self.state_std * self.state_keep
 
     def critic_value(self, sequence: Tensor, features: Tensor) -> Tensor:
         """``V [B]``: the value head over the policy's ``features``, or over the critic's own fusion
@@ -286,6 +307,26 @@ class DrivingVLA(nn.Module):
         self.policy_head.fc2.weight[dim:].zero_()
         self.policy_head.fc2.bias[dim:].fill_(float(value))
 
+    def add_state_skip(self) -> None:
+        """Give a model built without it the state skip (zero, so the outputs do not change)."""
+        if self.state_skip is None:
+            ref = self.state_encoder.fc1.weight
+            self.state_skip = nn.Linear(self.config.state_dim, self.config.hidden_dim).to(ref.device, ref.dtype)
+            nn.init.zeros_(self.state_skip.weight)
+            nn.init.zeros_(self.state_skip.bias)
+            self.config.state_skip = True
+
+    def ignore_state(self, indices: list[int]) -> None:
+        """Read the state entries at ``indices`` as zero from now on (and say so in the config).
+
+        A policy that sees its own last action learns to repeat it — in expert drives the next steer is
+        mostly the last one — and in closed loop then keeps whatever it started with (the copycat
+        problem of imitation with action history, Wen et al. 2020)."""
+        self.config.ignored_state = sorted(set(indices))
+        with torch.no_grad():
+            self.state_keep.fill_(1.0)
+            self.state_keep[self.config.ignored_state] = 0.0
+
     def set_state_normalization(self, mean: Tensor, std: Tensor) -> None:
         """Mean and spread of the ego state in the training data (std floored at 1e-2)."""
         with torch.no_grad():
@@ -303,7 +344,7 @@ class DrivingVLA(nn.Module):
     def predict_trajectory(self, features: Tensor, state: Tensor) -> Tensor:
         """Waypoints ``[B, T, 2]``: the prior plus per-step offsets that are summed up, so the path
         is continuous and each waypoint only corrects the previous one."""
-        norm = ((state - self.state_mean) / self.state_std).to(features.dtype)
+        norm = self.normalized_state(state).to(features.dtype)
         offsets = self.trajectory_head(torch.cat([features, norm], dim=-1))
         offsets = offsets.reshape(-1, self.config.trajectory_length, 2)
         return offsets.cumsum(dim=1) + self.trajectory_prior(state).to(offsets.dtype)
@@ -311,7 +352,7 @@ class DrivingVLA(nn.Module):
     def forward(self, image: Tensor, state: Tensor, tokens: Tensor) -> DrivingVLAOutput:
         _, vision_tokens = self.vision(image)
         sequence = self.fusion_sequence(vision_tokens, self.text(tokens), state)
-        features = self.fusion(sequence)[:, 0]
+        features = self.fuse(sequence, state)
         return DrivingVLAOutput(
             action_params=self.policy_params(features),
             trajectory=self.predict_trajectory(features, state),

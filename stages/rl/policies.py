@@ -195,12 +195,12 @@ class EncodedDrivingPolicy(nn.Module):
         self.model = model
 
     def compute_features(self, vision_tokens: Tensor, text_features: Tensor, state: Tensor) -> Tensor:
-        return self.model.fusion(self.model.fusion_sequence(vision_tokens, text_features, state))[:, 0]
+        return self.model.fuse(self.model.fusion_sequence(vision_tokens, text_features, state), state)
 
     def forward(self, vision_tokens: Tensor, text_features: Tensor, state: Tensor) -> ActorCriticOutput:
         m = self.model
         sequence = m.fusion_sequence(vision_tokens, text_features, state)
-        features = m.fusion(sequence)[:, 0]
+        features = m.fuse(sequence, state)
         return ActorCriticOutput(m.policy_params(features), m.critic_value(sequence, features))
 
     def act(self, vision_tokens: Tensor, text_features: Tensor, state: Tensor,

@@ -353,3 +353,23 @@ def test_onnx_export_with_dynamic_batch(tmp_path: Path, tiny: DrivingVLA) -> Non
     got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)})
     for g, w in zip(got, policy(*inputs)):
         torch.testing.assert_close(torch.from_numpy(g), w.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_ignored_state_entries_do_not_change_any_output(tmp_path: Path) -> None:
+    # The last action in the state lets imitation copy it (copycat): the model can be told to read it as zero.
+    cfg = DrivingVLAConfig.from_size("tiny", ignored_state=[3, 4, 5])
+    model = DrivingVLA(cfg).eval()
+    image, state, tokens = make_inputs(cfg, batch=3)
+    changed = state.clone()
+    changed[:, [3, 4, 5]] += 7.0
+    a, b = model(image, state, tokens), model(image, changed, tokens)
+    for x, y in [(a.features, b.features), (a.trajectory, b.trajectory), (a.value, b.value)]:
+        torch.testing.assert_close(x, y)
+    changed[:, 1] += 1.0     # a read entry still matters
+    assert not torch.allclose(model(image, changed, tokens).features, a.features)
+    model.save_pretrained(tmp_path)
+    again = DrivingVLA.from_pretrained(tmp_path).eval()
+    assert again.config.ignored_state == [3, 4, 5]
+    torch.testing.assert_close(again(image, changed, tokens).features, model(image, changed, tokens).features)
+    with pytest.raises(ValidationError, match="ignored_state"):
+        DrivingVLAConfig.from_size("tiny", ignored_state=[8])
