@@ -178,8 +178,7 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
     t = _init(cfg, dist)
     t0 = time.perf_counter()
     for epoch in range(t.start_epoch, cfg.pretrain.epochs):
-        losses = _train_epoch(t, epoch)
-        _end_epoch(t, epoch, losses)
+        _end_epoch(t, epoch, _train_epoch(t, epoch))
     metrics = {k: v for k, v in t.history[-1].items() if k != "epoch"}
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     if dist.is_main:  # one writer: DVC's outputs, the metrics and the resume state
