@@ -24,6 +24,7 @@ from infra.carla.config import CarlaServerConfig
 from infra.promotion import PromotionThresholds as PromoteParams  # the one thresholds type (promotion owns it)
 from stages.config_model import StrictModel
 from stages.envs.config import EnvConfig, ScenarioName
+from stages.envs.spaces import STATE_FIELDS
 from stages.rl.configs import PPOConfig, SACConfig
 
 PresetName = Literal["smoke", "demo", "carla"]
@@ -45,6 +46,18 @@ class ModelParams(_Strict):
     # Byte-level tokens: long enough for a whole ground-truth caption (~100–200 bytes), since a
     # caption cut to its boilerplate opening tells the contrastive loss nothing.
     max_text_length: int = Field(192, ge=8, le=1024)
+    state_skip: bool = Field(False, description="the ego state reaches every head through a linear skip beside "
+                                                "the fusion transformer (models/config.py); it fits the expert "
+                                                "better open-loop but drove worse alone (docs/data-and-offline.md)")
+    ignore_state: list[str] = Field([], description="ego-state fields the policy reads as zero, from "
+                                                    f"{', '.join(STATE_FIELDS)}")
+
+    @model_validator(mode="after")
+    def _known_state_fields(self):
+        unknown = sorted(set(self.ignore_state) - set(STATE_FIELDS))
+        if unknown:
+            raise ValueError(f"ignore_state: unknown state fields {unknown}; expected some of {list(STATE_FIELDS)}")
+        return self
 
 
 class DataParams(_Strict):
@@ -118,6 +131,21 @@ class OfflineParams(_Accumulates):
     ego_mlp_epochs: int = Field(60, ge=1, description="epochs of the ego-status MLP baseline")
     min_log_std: float = Field(-2.0, ge=-5, le=0, description="floor of the policy's log-std in the "
                                                               "offline log-likelihoods (squashed Gaussian)")
+    dagger_rounds: int = Field(0, ge=0, description="DAgger rounds: the policy drives, the expert labels the "
+                                                    "states it visits, training goes on with them (stages/data/dagger.py)")
+    dagger_episodes: int = Field(16, ge=1, description="episodes the policy drives per DAgger round")
+    dagger_start_epoch: int = Field(4, ge=1, description="epochs of training before the first DAgger round")
+    dagger_every: int = Field(2, ge=1, description="epochs between DAgger rounds")
+    dagger_beta: float = Field(0.0, ge=0, le=1, description="share of a round's episodes the expert drives")
+    dagger_out: str = Field("data/dagger", description="where the DAgger rounds are recorded")
+    select_episodes: int = Field(0, ge=0, description="validation episodes the policy drives after each epoch "
+                                                      "from select_from_epoch on; the best-driving weights are "
+                                                      "kept (0: keep the last epoch's)")
+    select_from_epoch: int = Field(1, ge=1, description="first epoch after which the closed-loop keeper drives")
+    cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads while training on a CPU "
+                                                          "(a fixed count gives one reduction order, so the "
+                                                          "same weights, on machines of different core counts); "
+                                                          "None: torch's default (the core count)")
     encoder_lr_scale: float = Field(0.3, ge=0, description="learning rate of the pretrained encoders, "
                                                           "relative to learning_rate")
 

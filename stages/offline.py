@@ -24,78 +24,56 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from models.distributions import ACTION_HIGH, ACTION_LOW
 from models.driving_vla import DrivingVLAOutput
-from stages.accel import (Distributed, autocast, batch_size_of, configure_backends, make_adamw, run_on_ranks,
-                          maybe_compile, micro_batches, to_device)
+from stages.accel import (
+    Distributed,
+    autocast,
+    batch_size_of,
+    configure_backends,
+    make_adamw,
+    maybe_compile,
+    micro_batches,
+    run_on_ranks,
+    to_device,
+)
 from stages.checkpoint import restore, snapshot
 from stages.common import resolve_device, seed_everything, stage_main, write_json
 from stages.config import OfflineParams, PipelineConfig
+from stages.data import dagger
 from stages.data.dataset import DatasetError
-from stages.data.shards import ShardedDataset, SplitArrays, load_split_arrays, make_loader, read_manifest
+from stages.data.shards import (
+    ShardedDataset,
+    SplitArrays,
+    load_split_arrays,
+    make_loader,
+    read_manifest,
+)
+from stages.envs import make_env
 from stages.metrics.held_out import evaluate
 from stages.metrics.open_loop import fit_ego_status_mlp, format_table, plot_open_loop
+from stages.offline_losses import bc_losses, interior, training_distribution
 from stages.resume import ResumePoint, fingerprint
+from stages.rl.evaluation import evaluate_policy
 from stages.rl.iql import IQLConfig, IQLCritic, iql_losses
+from stages.rl.selection import BestPolicyKeeper
 from stages.training import TokenCache, load_or_init, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 PLOT = Path("plots") / "offline_open_loop.png"
-# Expert controls sit on the bounds (zero throttle or brake); a squashed Gaussian needs an infinite
-# pre-tanh value there, so targets are pulled this far inside (atanh(0.96) = 1.95 at most).
-_EDGE = 0.02
-
-
-def interior(actions: torch.Tensor) -> torch.Tensor:
-    low = torch.as_tensor(ACTION_LOW, dtype=actions.dtype, device=actions.device)
-    high = torch.as_tensor(ACTION_HIGH, dtype=actions.dtype, device=actions.device)
-    return actions.clamp(low + _EDGE, high - _EDGE)
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def trajectory_loss(pred: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, valid: torch.Tensor,
-                    kind: str = "l2") -> torch.Tensor:
-    """Mean over valid samples and waypoints of the error divided by the waypoint's spread ``scale [T, 2]``."""
-    diff = (pred - target) / scale
-    per = diff.abs().sum(-1) if kind == "l1" else diff.pow(2).sum(-1).add(1e-9).sqrt()
-    return _masked_mean(per.mean(-1), valid)
-
-
-def training_distribution(model, action_params: tuple[torch.Tensor, torch.Tensor], min_log_std: float):
-    """The policy's distribution with its std floored at ``exp(min_log_std)`` (squashed Gaussian).
-
-    The expert's steering is nearly deterministic (std ~0.02): maximum likelihood then drives the std
-    towards zero and the gradients on the mean up as 1 / std^2, which swamps every other loss and
-    collapses the shared features. The floor bounds them; online RL starts from a usable spread."""
-    if model.config.policy == "squashed_gaussian":
-        loc, log_std = action_params
-        action_params = (loc, log_std.clamp(min=min_log_std))
-    return model.distribution(action_params)
-
-
-def bc_losses(model, out, batch: dict[str, torch.Tensor], scale: torch.Tensor, kind: str = "l2",
-              min_log_std: float = -2.0) -> dict[str, torch.Tensor]:
-    """Behaviour cloning: the trajectory on clean drives, the clean expert's controls wherever known."""
-    dist = training_distribution(model, out.action_params, min_log_std)
-    nll = -dist.log_prob(interior(batch["expert_action"]))
-    valid_traj = batch["traj_valid"] & ~batch["perturbed"]
-    return {"control_nll": _masked_mean(nll, batch["action_valid"]),
-            "trajectory": trajectory_loss(out.trajectory, batch["trajectory"], scale, valid_traj, kind),
-            "trajectory_l2_m": _masked_mean((out.trajectory - batch["trajectory"]).norm(dim=-1).mean(-1).detach(),
-                                            valid_traj)}
+RUN_DIR = Path("runs") / "offline"
+# Validation episodes of the closed-loop keeper: apart from the data's, DAgger's (3,000,000 +) and
+# the online stage's validation (500,000 +) and held-out (1,000,000 +) seeds.
+SELECT_SEED_OFFSET = 700_000
 
 
 @torch.no_grad()
@@ -251,6 +229,7 @@ class _Training:
     ego_mlp: Any = None
     val: SplitArrays | None = None
     forward: Any = None
+    keeper: BestPolicyKeeper | None = None
 
     @property
     def o(self) -> OfflineParams:
@@ -269,9 +248,11 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
     t = _init(cfg, dist)
     t0 = time.perf_counter()
     for epoch in range(t.start_epoch, t.o.epochs):
-        sums, count = _train_epoch(t, epoch)
-        _end_epoch(t, epoch, sums, count)
+        _end_epoch(t, epoch, *_train_epoch(t, epoch))
+    selected = t.keeper.restore() if t.keeper is not None else None   # the best-driving epoch's weights
     reports, metrics = _final_metrics(t, time.perf_counter() - t0)
+    if selected is not None:
+        metrics.update(selected_epoch=selected["best_step"], val_closed_loop_route_completion=selected["best_score"])
     if dist.is_main:  # one writer: DVC's outputs, the metrics and the resume state
         _write_outputs(t, reports, metrics)
     dist.barrier()
@@ -299,6 +280,8 @@ def _init(cfg: PipelineConfig, dist: Distributed) -> _Training:
     device = dist.device(resolve_device(cfg.device))
     configure_backends(device)
     o, built = cfg.offline, cfg.data.built
+    if device == "cpu" and o.cpu_threads:
+        torch.set_num_threads(o.cpu_threads)
     manifest = _read_manifest(cfg)
     use_iql = o.iql_weight > 0
     train_ds = ShardedDataset(built, "train", shuffle=True, seed=cfg.seed, with_next=use_iql)
@@ -336,7 +319,24 @@ def _init(cfg: PipelineConfig, dist: Distributed) -> _Training:
     t.val = load_split_arrays(built, "val")
     # Compiled: the model's forward (and so its backward); `model` itself stays plain for saving.
     t.forward = maybe_compile(fp32_forward(model), o.compile, device)
+    dagger.prepare(o, fresh=state is None)
+    if o.select_episodes and dist.is_main:
+        t.keeper = BestPolicyKeeper(model, lambda: _closed_loop_score(t), RUN_DIR, key=t.resume.key)
+        if state is not None:
+            t.keeper.resume()
     return t
+
+
+def _closed_loop_score(t: _Training) -> float:
+    """Mean route completion of the deterministic policy on the validation episodes (seeds of their own,
+    apart from the held-out ones every report uses), which the keeper selects the weights on."""
+    env = make_env(t.cfg.env, seed=t.cfg.seed + SELECT_SEED_OFFSET)
+    try:
+        return evaluate_policy(t.model, env, t.o.select_episodes, t.cfg.seed + SELECT_SEED_OFFSET,
+                               device=t.device)["route_completion"]
+    finally:
+        env.close()
+        t.model.train()
 
 
 def _init_from_data(t: _Training, train: SplitArrays) -> None:
@@ -351,6 +351,9 @@ def _init_from_data(t: _Training, train: SplitArrays) -> None:
 def _train_epoch(t: _Training, epoch: int) -> tuple[dict[str, float], int]:
     """One pass over the train split; the logged parts' sums over every rank, and the sample count."""
     o, dist = t.o, t.dist
+    if o.dagger_rounds and dagger.aggregate(t.model, t.cfg, t.train_ds, epoch, t.start_epoch, t.resume.key, t.device):
+        t.loader = make_loader(t.train_ds, o.batch_size, t.cfg.data.num_workers,
+                               pin_memory=t.device.startswith("cuda"), rank=dist.rank, world_size=dist.world_size)
     t.model.train()
     t.train_ds.set_epoch(epoch)
     sums: dict[str, float] = {}
@@ -397,6 +400,9 @@ def _end_epoch(t: _Training, epoch: int, sums: dict[str, float], count: int) -> 
     log.info("offline epoch %d: val L2@3s %.3f m (const. velocity %.3f), value AUC %.3f", epoch + 1,
              first["model"].get("l2_at_3s", float("nan")), first["const_velocity"].get("l2_at_3s", float("nan")),
              ranking["value_auc_clean_vs_perturbed"])
+    if t.keeper is not None and epoch + 1 >= t.o.select_from_epoch:
+        t.keeper({"global_step": epoch + 1})
+        t.history[-1]["val_closed_loop_route_completion"] = t.keeper.history[-1]["score"]
     if t.dist.is_main:
         t.resume.save(snapshot(t.parts(), epoch=epoch + 1, history=t.history))
 

@@ -13,6 +13,7 @@ from models import DrivingVLA, DrivingVLAConfig
 from models.driving_vla import CheckpointFileError
 from stages.common import StageInputError, staged_dir, write_json
 from stages.config import PipelineConfig
+from stages.envs.spaces import STATE_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ def model_config(cfg: PipelineConfig) -> DrivingVLAConfig:
     return DrivingVLAConfig.from_size(m.size, image_size=m.image_size, num_cameras=m.num_cameras,
                                       trajectory_length=m.trajectory_length, policy=m.policy,
                                       max_text_length=m.max_text_length,
+                                      state_skip=m.state_skip, ignored_state=[STATE_FIELDS.index(f) for f in m.ignore_state],
                                       waypoint_seconds=cfg.data.waypoint_stride / cfg.env.policy_frequency)
 
 
@@ -39,6 +41,10 @@ def load_or_init(cfg: PipelineConfig, upstream: str | Path | None) -> DrivingVLA
             raise StageInputError(f"checkpoint {path} was trained with image_size={model.config.image_size}, "
                              f"hidden_dim={model.config.hidden_dim} but the config asks for "
                              f"{want.image_size}/{want.hidden_dim}: rerun the upstream stages with this config")
+        # Which state inputs the policy reads is this stage's choice (pretraining reads no state).
+        model.ignore_state(want.ignored_state)
+        if want.state_skip:
+            model.add_state_skip()
         return model
     return DrivingVLA(model_config(cfg))
 

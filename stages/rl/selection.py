@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save
@@ -49,14 +50,19 @@ class BestPolicyKeeper:
     def start(self) -> None:
         """Before training (the model holds its starting weights): take over the best of an interrupted
         run with the same key, or score the starting weights as step 0."""
+        if not self.resume():
+            self._score(0)
+
+    def resume(self) -> bool:
+        """Take over the best of an interrupted run with the same key; False when there is none."""
         info = self._saved_best()
-        if info is not None:
-            self.best_score, self.best_step = float(info["score"]), int(info["step"])
-            self.history = list(info.get("history", []))
-            log.info("best policy so far: score %.3f at step %d (from %s)", self.best_score, self.best_step,
-                     self.info_path)
-            return
-        self._score(0)
+        if info is None:
+            return False
+        self.best_score, self.best_step = float(info["score"]), int(info["step"])
+        self.history = list(info.get("history", []))
+        log.info("best policy so far: score %.3f at step %d (from %s)", self.best_score, self.best_step,
+                 self.info_path)
+        return True
 
     def _saved_best(self) -> dict[str, Any] | None:
         """What an interrupted run with this key kept, or None; unreadable files are ignored with a warning

@@ -139,3 +139,25 @@ def test_a_corrupt_upstream_checkpoint_stops_the_stage_with_the_file_named(workd
     assert error.startswith("error: ") and str(weights.relative_to(work)) in error
     assert "re-run the stage" in error and "dvc checkout" in error
     assert (earlier / "model.safetensors").read_bytes() == b"the previous offline output"
+
+
+def test_dagger_rounds_join_the_data_and_the_best_driving_epoch_is_kept(workdir, tmp_path):
+    assert (workdir / "checkpoints/pretrain/config.json").exists(), "run after the pretrain case"
+    work = tmp_path / "w"
+    shutil.copytree(workdir, work, ignore=shutil.ignore_patterns("runs"))
+    extra = ["offline.epochs=3", "offline.dagger_rounds=1", "offline.dagger_start_epoch=1",
+             "offline.dagger_episodes=2", "offline.select_episodes=2", "offline.select_from_epoch=2"]
+    proc = subprocess.run(_cmd("offline", extra), cwd=work, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The round was recorded before epoch 2, from the learner's drives, and trained on.
+    index = json.loads((work / "data/dagger/index.json").read_text())
+    assert index["round_epochs"] == [1]
+    round_manifest = json.loads((work / "data/dagger/round-00/manifest.json").read_text())
+    assert len(round_manifest["episodes"]) == 2 and all(e["perturbed"] for e in round_manifest["episodes"])
+    # Epochs 2 and 3 were driven on the validation episodes; the model written is the better of them.
+    history = json.loads((work / "metrics/offline_history.json").read_text())
+    scores = {h["epoch"]: h["val_closed_loop_route_completion"] for h in history if "val_closed_loop_route_completion" in h}
+    assert sorted(scores) == [2, 3]
+    metrics = json.loads((work / "metrics/offline.json").read_text())
+    best = max(scores, key=lambda e: (scores[e], -e))
+    assert metrics["selected_epoch"] == best and metrics["val_closed_loop_route_completion"] == scores[best]
