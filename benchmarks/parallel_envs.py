@@ -2,6 +2,17 @@
 
     python -m benchmarks.parallel_envs                      # frozen encoders N = 1, 2, 4, 8; full N = 2, 8
     python -m benchmarks.parallel_envs --envs 8 --train full --updates 2
+    # one GPU, the carla preset's model (behaviour inference on the GPU, bf16 update, minibatch 256):
+    python -m benchmarks.parallel_envs --device cuda --size base --image-size 224 --train full --envs 4 8 \
+        --updates 3 --latency 1 8 16
+    python -m benchmarks.parallel_envs --device cuda --size base --image-size 224 --train frozen --envs 16
+    python -m benchmarks.parallel_envs --algo sac --device cuda --size base --image-size 224 --envs 8 \
+        --sac-settings heads_b256_utd025
+
+On CUDA each row also has ``steady_*`` (from the end of the first update, which holds compilation
+and CUDA-graph capture, to the end of the last), the learner's samples/s and the update's MFU
+(torch's FLOP count of an update sample over a bf16 8192^3 matmul rate measured in the same run),
+and ``ratio_dev_first_update`` (largest |ratio - 1| of the first minibatch of the first, lag-0 rollout).
 
 The target (issue 4): N envs reach >= 90% of N x 25 steps/s, counted over the whole wall-clock
 time *including the updates*, with the seed's PPO settings (num_steps=2048, num_epochs=10,
