@@ -173,28 +173,47 @@ def _collect(pipes: EnvPipes, shared: _Shared, actor: Any, rollout_len: int, gam
     state = _Collection(n)
     seq, pos, starts, ep_return = state.seq, state.pos, state.starts, state.ep_return
 
-    def slot(k: int) -> RolloutBuffer:
+    def acquire(k: int, timeout: float) -> bool:
+        """Own the slots up to ``k`` (buffers the learner handed back, in order); False if the
+        learner still holds the next one after ``timeout`` seconds (0: don't wait)."""
         while len(state.slots) <= k:
-            while True:  # wait for the learner to hand a buffer back (backpressure)
-                if shared.stop.is_set():
-                    raise _Stopped
-                try:
-                    s = shared.free.get(timeout=_POLL_S)
-                    break
-                except queue.Empty:
-                    continue
+            try:
+                s = shared.free.get(timeout=timeout) if timeout else shared.free.get_nowait()
+            except queue.Empty:
+                return False
             state.slots.append(_Slot(s))
-        return shared.buffers[state.slots[k].index]
+        return True
+
+    def next_slot(i: int) -> int:
+        """The slot env i's next row goes to (the next one when the step it took ends its column)."""
+        return seq[i] + int(i in results and pos[i] + 1 == rollout_len)
+
+    def arrive(timeout: float) -> None:
+        for i in pipes.ready(timeout):
+            obs, reward, terminated, truncated, final = pipes.recv(i)
+            new_obs[i], results[i] = obs, (obs, reward, terminated, truncated, final)
+            waiting.append(i)
 
     new_obs = dict(enumerate(pipes.reset(seed)))
-    results: dict[int, tuple] = {}
-    ready = list(range(n))
+    results: dict[int, tuple] = {}   # the step each waiting env took, until it is written
+    waiting = list(range(n))         # envs whose observation is here and whose action is not sent
 
-    while not shared.stop.is_set():
+    while True:
+        if shared.stop.is_set():
+            raise _Stopped
         # Buffers first: waiting for the learner to free one must happen *before* inference, so the
         # actions come from the newest weights once it does (the lag stays at most one update).
-        for i in ready:
-            slot(seq[i] + int(i in results and pos[i] + 1 == rollout_len))
+        # An env whose next row is in a buffer the learner still holds waits alone; the others go
+        # on. (Waiting for it with the others' steps unwritten deadlocked when one env ran a whole
+        # rollout ahead: the buffers the others were filling could never fill.)
+        ready = sorted(i for i in waiting if acquire(next_slot(i), 0))
+        if not ready:
+            if pipes.in_flight:
+                arrive(0.01)  # the others' steps; a waiting env looks for its buffer every 10 ms
+            else:  # every env waits for the learner: the oldest buffer is full, the learner has it
+                acquire(min(next_slot(i) for i in waiting), _POLL_S)
+            continue
+        waiting = [i for i in waiting if i not in ready]
 
         # One forward pass: actions for the ready envs, values of truncated episodes' final observations.
         boot = [i for i in ready if i in results and results[i][3] and not results[i][2] and results[i][4] is not None]
@@ -214,9 +233,9 @@ def _collect(pipes: EnvPipes, shared: _Shared, actor: Any, rollout_len: int, gam
 
         for j, i in enumerate(ready):
             if i in results:  # close the step env i just took
-                _, reward, terminated, truncated, final = results[i]
+                _, reward, terminated, truncated, final = results.pop(i)
                 k = seq[i]
-                buf, info = slot(k), state.slots[k]
+                buf, info = shared.buffers[state.slots[k].index], state.slots[k]
                 buf.rewards[pos[i], i] = reward + gamma * boot_value.get(i, 0.0)
                 ep_return[i] += reward
                 done = terminated or truncated
@@ -238,7 +257,7 @@ def _collect(pipes: EnvPipes, shared: _Shared, actor: Any, rollout_len: int, gam
                             **state.timing()}))
                     seq[i], pos[i] = k + 1, 0
             k = seq[i]
-            buf = slot(k)  # may wait for a free buffer
+            buf = shared.buffers[state.slots[k].index]  # acquired above
             t = pos[i]
             for name, arr in fields.items():
                 buf.obs[name][t, i] = arr[j]
@@ -249,15 +268,10 @@ def _collect(pipes: EnvPipes, shared: _Shared, actor: Any, rollout_len: int, gam
         if shared.first_step.value == 0.0:
             shared.first_step.value = time.monotonic()
 
-        ready, results = [], {}
-        while not ready:
+        while not waiting:  # every env is stepping: wait for any of them
             if shared.stop.is_set():
                 raise _Stopped
-            for i in pipes.ready(_POLL_S):
-                obs, reward, terminated, truncated, final = pipes.recv(i)
-                new_obs[i] = obs
-                results[i] = (obs, reward, terminated, truncated, final)
-                ready.append(i)
+            arrive(_POLL_S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +298,9 @@ class AsyncCollector:
         self._proc: Any = None
         self._shared: _Shared | None = None
         self._held: dict[int, int] = {}
+        # get() gives up when no env step closes for this long (a simulator tick is milliseconds
+        # to a second; CARLA's client times out sooner).
+        self.stall_seconds = 600.0
         self._spawn_workers()
 
     def _spawn_workers(self) -> None:
@@ -351,6 +368,7 @@ class AsyncCollector:
 
     def get(self) -> tuple[RolloutBuffer, dict[str, Any]]:
         """The next full rollout (blocks) and its statistics; hand it back with :meth:`release`."""
+        steps, since = self.steps_taken, time.monotonic()
         while True:
             try:
                 msg = self._shared.full.get(timeout=1.0)
@@ -359,6 +377,11 @@ class AsyncCollector:
                 if not self._proc.is_alive():
                     code = getattr(self._proc, "exitcode", None)
                     raise CollectorError(f"the collector exited (code {code})") from None
+                if self.steps_taken != steps:
+                    steps, since = self.steps_taken, time.monotonic()
+                elif time.monotonic() - since > self.stall_seconds:  # a wait must never be forever
+                    raise CollectorError(f"no env step came back for {self.stall_seconds:.0f} s "
+                                         "(an env worker or the collector is stuck)") from None
         if msg[0] == "error":
             raise CollectorError(msg[1])
         _, slot, stats = msg

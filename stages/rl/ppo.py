@@ -162,9 +162,9 @@ class PPOTrainer:
         # Critic warm-up: the rollout's steps are already counted, so "<=" includes the last one.
         warmup = self.global_step <= cfg.value_warmup_steps
         epochs = 0
-        for _ in range(cfg.num_epochs):
+        for minibatches in buffer.epochs(cfg.num_epochs, cfg.batch_size, self.device, self.rng):
             epoch_kl: list[torch.Tensor] = []
-            for mb in buffer.minibatches(cfg.batch_size, self.device, self.rng):
+            for mb in minibatches:
                 log_prob, entropy, value = self._evaluate_actions(*self.adapter.model_inputs(mb.obs), mb.actions)
                 log_ratio = log_prob - mb.log_probs
                 ratio = log_ratio.exp()

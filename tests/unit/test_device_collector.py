@@ -12,7 +12,7 @@ import torch
 
 from models import DrivingVLA, DrivingVLAConfig
 from stages.envs.testing import FixedLatencyEnv
-from stages.rl.async_collector import AsyncCollector
+from stages.rl.async_collector import AsyncCollector, CollectorError
 from stages.rl.configs import PPOConfig
 from stages.rl.device_actor import bucket
 from stages.rl.policies import MLPActorCritic, make_obs_adapter
@@ -87,6 +87,44 @@ def test_weights_published_after_an_update_act_in_the_next_rollout(device: str |
         # ... the one after it acts with the published weights only
         np.testing.assert_allclose(last[0], _values_of(model, last[1]), rtol=1e-5, atol=1e-4)
         assert max(lags) <= 1 and lags[-1] == 0
+    finally:
+        collector.close()
+
+
+@pytest.mark.parametrize("device", [None, "cpu"], ids=["cpu-process", "learner-thread"])
+def test_an_env_a_whole_rollout_ahead_waits_alone(device: str | None) -> None:
+    # Env 0 steps at once, env 1 takes 20 ms: env 0 fills its column of both buffers long before
+    # env 1 fills its first. It must wait for the learner's buffer without holding env 1 up (the
+    # collector used to block on that buffer with env 1's step unwritten: neither ever filled).
+    fns = [functools.partial(FixedLatencyEnv, step_seconds=s, image_size=IMAGE, max_episode_steps=10)
+           for s in (0.0, 0.02)]
+    collector = AsyncCollector(fns, context="spawn")
+    collector.stall_seconds = 60.0  # a regression fails here instead of hanging
+    try:
+        model = _tiny()
+        adapter = make_obs_adapter(model, collector.observation_space)
+        collector.start(model, adapter, 4, 3, 0.99, seed=0, num_slots=2, device=device)
+        lags = []
+        for _ in range(4):
+            buffer, stats = collector.get()
+            lags.append(stats["policy_lag"])
+            collector.publish(model)
+            collector.release(buffer)
+        assert max(lags) <= 1
+    finally:
+        collector.close()
+
+
+@pytest.mark.parametrize("device", [None, "cpu"], ids=["cpu-process", "learner-thread"])
+def test_a_stuck_env_raises_instead_of_waiting_forever(device: str | None) -> None:
+    fns = [functools.partial(FixedLatencyEnv, step_seconds=60.0, image_size=IMAGE)]
+    collector = AsyncCollector(fns, context="spawn")
+    collector.stall_seconds = 1.0
+    try:
+        model = _tiny()
+        collector.start(model, make_obs_adapter(model, collector.observation_space), 4, 3, 0.99, device=device)
+        with pytest.raises(CollectorError, match="no env step came back for 1 s"):
+            collector.get()
     finally:
         collector.close()
 
