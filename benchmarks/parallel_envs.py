@@ -120,6 +120,9 @@ def measure(num_envs: int, train: str, updates: int, step_ms: float, image_size:
 
     def stop_after(stats: dict[str, float]) -> bool:
         seen.append({**stats, "elapsed": time.perf_counter() - t0})
+        print(f"  update {len(seen)}: {stats['env_steps']:.0f} steps in {stats['env_seconds']:.1f} s, update "
+              f"{stats['update_seconds']:.2f} s, inference {stats['inference_ms']:.1f} ms at "
+              f"{stats['inference_batch']:.1f}, lag {stats['policy_lag']:.0f}", flush=True)
         return len(seen) < updates
 
     if peak is not None:  # count an update sample's FLOPs on the first rollout, before the first update
@@ -377,7 +380,22 @@ def main(argv: list[str] | None = None) -> int:
     compile_update = {"auto": None, "on": True, "off": False}[args.compile]
     peak = matmul_peak(args.device) if cuda else None
     modes = ["frozen", "full"] if args.train == "both" else [args.train]
-    rows = []
+    result: dict[str, Any] = {"benchmark": "parallel_envs", "step_ms": args.step_ms, "image_size": args.image_size,
+                              "ppo": {"num_steps": 2048, "num_epochs": 10, "batch_size": batch_size},
+                              "model": args.size, "device": args.device,
+                              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+                              "rows": []}
+    if cuda:
+        result["gpu"] = torch.cuda.get_device_name(0)
+        result["matmul_peak_flops_per_s"] = peak
+
+    def save() -> None:  # after every row: a run cut short keeps what it measured
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    if args.latency:
+        result["inference_latency"] = inference_latency(args.size, args.image_size, args.device, args.latency)
+        save()
     for mode in modes:
         for n in (args.full_envs if mode == "full" and args.train == "both" else args.envs):
             updates = args.updates if args.updates is not None else (2 if n >= 4 else 1)
@@ -388,20 +406,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['update_seconds']:.1f} s, {row['learner_samples_per_s']:.0f} samples/s, "
                   f"MFU {row.get('update_mfu', float('nan')):.3f}, inference {row['inference_ms']:.1f} ms "
                   f"at {row['inference_batch']:.1f})", flush=True)
-            rows.append(row)
-    latency = inference_latency(args.size, args.image_size, args.device, args.latency) if args.latency else None
-    print(format_table(rows))
-    result = {"benchmark": "parallel_envs", "step_ms": args.step_ms, "image_size": args.image_size,
-              "ppo": {"num_steps": 2048, "num_epochs": 10, "batch_size": batch_size}, "model": args.size,
-              "device": args.device, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": machine(), "rows": rows}
-    if cuda:
-        result["gpu"] = torch.cuda.get_device_name(0)
-        result["matmul_peak_flops_per_s"] = peak
-    if latency is not None:
-        result["inference_latency"] = latency
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+            result["rows"].append(row)
+            save()
+    print(format_table(result["rows"]))
     print(f"wrote {args.out}")
     return 0
 
