@@ -35,6 +35,8 @@ from __future__ import annotations
 import copy
 import logging
 import queue
+import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -77,6 +79,17 @@ class _Shared:
     first_step: Any                # time.monotonic() of the first actions sent
 
 
+class _Value:
+    """``multiprocessing.Value``'s interface for the thread mode."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self._lock = threading.Lock()
+
+    def get_lock(self) -> threading.Lock:
+        return self._lock
+
+
 @dataclass
 class _Slot:
     """A rollout buffer being filled, and what the learner gets with it."""
@@ -115,70 +128,101 @@ class _Collection:
 
 
 def _collector_main(pipes: EnvPipes, shared: _Shared, adapter: ObsAdapter, rollout_len: int, gamma: float,
-                    seed: int) -> None:
-    torch.set_num_threads(1)
+                    seed: int, actor: Any = None) -> None:
+    """The collector's body, in a process of its own (``actor`` None: a CPU copy of the weights, one
+    thread) or in a thread of the learner's process (``actor``: a `DeviceActor`)."""
+    if actor is None:
+        torch.set_num_threads(1)
+    torch.manual_seed(seed)  # the behaviour's sampling noise: same seed, same rollouts
     try:
-        _collect(pipes, shared, adapter, rollout_len, gamma, seed)
+        _collect(pipes, shared, actor or _CpuActor(shared, adapter), rollout_len, gamma, seed)
     except _Stopped:
         pass
     except Exception:  # noqa: BLE001 - handed to the learner, which raises it
         shared.full.put(("error", traceback.format_exc()))
 
 
+class _CpuActor:
+    """The process mode's inference: a private CPU copy of the weights, refreshed on a new version."""
+
+    def __init__(self, shared: _Shared, adapter: ObsAdapter) -> None:
+        self.shared, self.adapter = shared, adapter
+        self.model = copy.deepcopy(shared.model).eval()
+        adapter.bind(self.model)
+        self.policy = adapter.policy(self.model)
+        self.version = -1
+
+    @torch.no_grad()
+    def infer(self, observations: list[Any]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, int]:
+        if self.shared.version.value != self.version:
+            with self.shared.lock:
+                self.model.load_state_dict(self.shared.model.state_dict())
+                self.version = self.shared.version.value
+        fields = self.adapter.encode(self.adapter.stack(observations))
+        inputs = self.adapter.model_inputs({k: torch.from_numpy(v) for k, v in fields.items()})
+        action, log_prob, value = self.policy.act(*inputs)
+        return fields, action.float().numpy(), log_prob.float().numpy(), value.float().numpy(), self.version
+
+
 class _Stopped(Exception):
     pass
 
 
-def _collect(pipes: EnvPipes, shared: _Shared, adapter: ObsAdapter, rollout_len: int, gamma: float,
-             seed: int) -> None:
+def _collect(pipes: EnvPipes, shared: _Shared, actor: Any, rollout_len: int, gamma: float, seed: int) -> None:
     n = pipes.num_envs
-    model = copy.deepcopy(shared.model).eval()
-    adapter.bind(model)
-    policy = adapter.policy(model)
-    local_version = -1
     state = _Collection(n)
     seq, pos, starts, ep_return = state.seq, state.pos, state.starts, state.ep_return
 
-    def slot(k: int) -> RolloutBuffer:
+    def acquire(k: int, timeout: float) -> bool:
+        """Own the slots up to ``k`` (buffers the learner handed back, in order); False if the
+        learner still holds the next one after ``timeout`` seconds (0: don't wait)."""
         while len(state.slots) <= k:
-            while True:  # wait for the learner to hand a buffer back (backpressure)
-                if shared.stop.is_set():
-                    raise _Stopped
-                try:
-                    s = shared.free.get(timeout=_POLL_S)
-                    break
-                except queue.Empty:
-                    continue
+            try:
+                s = shared.free.get(timeout=timeout) if timeout else shared.free.get_nowait()
+            except queue.Empty:
+                return False
             state.slots.append(_Slot(s))
-        return shared.buffers[state.slots[k].index]
+        return True
+
+    def next_slot(i: int) -> int:
+        """The slot env i's next row goes to (the next one when the step it took ends its column)."""
+        return seq[i] + int(i in results and pos[i] + 1 == rollout_len)
+
+    def arrive(timeout: float) -> None:
+        for i in pipes.ready(timeout):
+            obs, reward, terminated, truncated, final = pipes.recv(i)
+            new_obs[i], results[i] = obs, (obs, reward, terminated, truncated, final)
+            waiting.append(i)
 
     new_obs = dict(enumerate(pipes.reset(seed)))
-    results: dict[int, tuple] = {}
-    ready = list(range(n))
+    results: dict[int, tuple] = {}   # the step each waiting env took, until it is written
+    waiting = list(range(n))         # envs whose observation is here and whose action is not sent
 
-    while not shared.stop.is_set():
+    while True:
+        if shared.stop.is_set():
+            raise _Stopped
         # Buffers first: waiting for the learner to free one must happen *before* inference, so the
         # actions come from the newest weights once it does (the lag stays at most one update).
-        for i in ready:
-            slot(seq[i] + int(i in results and pos[i] + 1 == rollout_len))
-        if shared.version.value != local_version:
-            with shared.lock:
-                model.load_state_dict(shared.model.state_dict())
-                local_version = shared.version.value
+        # An env whose next row is in a buffer the learner still holds waits alone; the others go
+        # on. (Waiting for it with the others' steps unwritten deadlocked when one env ran a whole
+        # rollout ahead: the buffers the others were filling could never fill.)
+        ready = sorted(i for i in waiting if acquire(next_slot(i), 0))
+        if not ready:
+            if pipes.in_flight:
+                arrive(0.01)  # the others' steps; a waiting env looks for its buffer every 10 ms
+            else:  # every env waits for the learner: the oldest buffer is full, the learner has it
+                acquire(min(next_slot(i) for i in waiting), _POLL_S)
+            continue
+        waiting = [i for i in waiting if i not in ready]
 
         # One forward pass: actions for the ready envs, values of truncated episodes' final observations.
         boot = [i for i in ready if i in results and results[i][3] and not results[i][2] and results[i][4] is not None]
         batch = [new_obs[i] for i in ready] + [results[i][4][0] for i in boot]
         t_infer = time.perf_counter()
-        with torch.inference_mode():
-            fields = adapter.encode(adapter.stack(batch))
-            inputs = adapter.model_inputs({k: torch.from_numpy(v) for k, v in fields.items()})
-            action, log_prob, value = policy.act(*inputs)
+        fields, actions, log_probs, values, local_version = actor.infer(batch)
         state.infer_seconds += time.perf_counter() - t_infer
         state.batches += 1
         state.observations += len(ready)
-        actions = action.float().numpy()
-        log_probs, values = log_prob.float().numpy(), value.float().numpy()
         boot_value = dict(zip(boot, values[len(ready):]))
         # Count the steps closed below before any rollout they complete is handed to the learner,
         # so steps_taken never lags a rollout the learner already holds.
@@ -189,9 +233,9 @@ def _collect(pipes: EnvPipes, shared: _Shared, adapter: ObsAdapter, rollout_len:
 
         for j, i in enumerate(ready):
             if i in results:  # close the step env i just took
-                _, reward, terminated, truncated, final = results[i]
+                _, reward, terminated, truncated, final = results.pop(i)
                 k = seq[i]
-                buf, info = slot(k), state.slots[k]
+                buf, info = shared.buffers[state.slots[k].index], state.slots[k]
                 buf.rewards[pos[i], i] = reward + gamma * boot_value.get(i, 0.0)
                 ep_return[i] += reward
                 done = terminated or truncated
@@ -213,7 +257,7 @@ def _collect(pipes: EnvPipes, shared: _Shared, adapter: ObsAdapter, rollout_len:
                             **state.timing()}))
                     seq[i], pos[i] = k + 1, 0
             k = seq[i]
-            buf = slot(k)  # may wait for a free buffer
+            buf = shared.buffers[state.slots[k].index]  # acquired above
             t = pos[i]
             for name, arr in fields.items():
                 buf.obs[name][t, i] = arr[j]
@@ -224,15 +268,10 @@ def _collect(pipes: EnvPipes, shared: _Shared, adapter: ObsAdapter, rollout_len:
         if shared.first_step.value == 0.0:
             shared.first_step.value = time.monotonic()
 
-        ready, results = [], {}
-        while not ready:
+        while not waiting:  # every env is stepping: wait for any of them
             if shared.stop.is_set():
                 raise _Stopped
-            for i in pipes.ready(_POLL_S):
-                obs, reward, terminated, truncated, final = pipes.recv(i)
-                new_obs[i] = obs
-                results[i] = (obs, reward, terminated, truncated, final)
-                ready.append(i)
+            arrive(_POLL_S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +298,9 @@ class AsyncCollector:
         self._proc: Any = None
         self._shared: _Shared | None = None
         self._held: dict[int, int] = {}
+        # get() gives up when no env step closes for this long (a simulator tick is milliseconds
+        # to a second; CARLA's client times out sooner).
+        self.stall_seconds = 600.0
         self._spawn_workers()
 
     def _spawn_workers(self) -> None:
@@ -271,39 +313,75 @@ class AsyncCollector:
 
     # -- collecting -----------------------------------------------------------------------------
     def start(self, model: torch.nn.Module, adapter: ObsAdapter, rollout_len: int, action_dim: int,
-              gamma: float, seed: int = 0, num_slots: int = 2) -> None:
+              gamma: float, seed: int = 0, num_slots: int = 2, device: str | torch.device | None = None,
+              bf16: bool = False, graphs: bool = True) -> None:
+        """Start collecting with a copy of ``model``'s weights.
+
+        ``device`` None: the collector is a process of its own with a CPU copy (one thread; the CPU
+        machines' path). Else it is a thread of this process, inferring on ``device`` (the learner's
+        GPU) through a `DeviceActor` (``bf16``: the update's autocast; ``graphs``: CUDA graphs),
+        and :meth:`publish` copies the weights device to device. Under torchrun each rank starts
+        its own, on its own GPU.
+        """
         if self._proc is not None:
             raise RuntimeError("the collector is already running")
         if self._workers is None:
             self._spawn_workers()
-        ctx = self._ctx
-        behaviour = copy.deepcopy(model).cpu().eval()
+        threaded = device is not None
+        behaviour = copy.deepcopy(model).to(device if threaded else "cpu").eval()
         for p in behaviour.parameters():
             p.requires_grad_(False)
-        behaviour.share_memory()
+        if not threaded:
+            behaviour.share_memory()
         buffers = self._shared.buffers if self._shared is not None else []
-        if not buffers or buffers[0].num_steps != rollout_len or len(buffers) != num_slots:
-            buffers = [RolloutBuffer(rollout_len, self.num_envs, adapter.fields(), action_dim, shared=True)
+        if (not buffers or buffers[0].num_steps != rollout_len or len(buffers) != num_slots
+                or buffers[0].shared == threaded):
+            buffers = [RolloutBuffer(rollout_len, self.num_envs, adapter.fields(), action_dim, shared=not threaded)
                        for _ in range(num_slots)]
-        self._shared = _Shared(behaviour, buffers, free=ctx.Queue(), full=ctx.Queue(), version=ctx.Value("i", 0),
-                               lock=ctx.Lock(), stop=ctx.Event(), steps=ctx.Value("q", 0),
-                               first_step=ctx.Value("d", 0.0))
+        if threaded:
+            self._shared = _Shared(behaviour, buffers, free=queue.Queue(), full=queue.Queue(), version=_Value(0),
+                                   lock=threading.Lock(), stop=threading.Event(), steps=_Value(0),
+                                   first_step=_Value(0.0))
+        else:
+            ctx = self._ctx
+            self._shared = _Shared(behaviour, buffers, free=ctx.Queue(), full=ctx.Queue(), version=ctx.Value("i", 0),
+                                   lock=ctx.Lock(), stop=ctx.Event(), steps=ctx.Value("q", 0),
+                                   first_step=ctx.Value("d", 0.0))
         for s in range(num_slots):
             self._shared.free.put(s)
         self._held = {}
-        self._proc = ctx.Process(target=_collector_main, name="rollout-collector", daemon=True,
-                                 args=(self._workers.pipes, self._shared, adapter, rollout_len, gamma, seed))
+        args = (self._workers.pipes, self._shared, adapter, rollout_len, gamma, seed)
+        if threaded:
+            from stages.rl.device_actor import DeviceActor
+
+            actor = DeviceActor(behaviour, adapter, torch.device(device), bf16, graphs, self._shared.lock,
+                                self._shared.version)
+            # The learner's Python and the collector's share the GIL: a short switch interval lets
+            # an env's action out within a fraction of a millisecond of its observation.
+            self._switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._switch_interval, 0.0005))
+            self._proc = threading.Thread(target=_collector_main, name="rollout-collector", daemon=True,
+                                          args=(*args, actor))
+        else:
+            self._proc = self._ctx.Process(target=_collector_main, name="rollout-collector", daemon=True, args=args)
         self._proc.start()
 
     def get(self) -> tuple[RolloutBuffer, dict[str, Any]]:
         """The next full rollout (blocks) and its statistics; hand it back with :meth:`release`."""
+        steps, since = self.steps_taken, time.monotonic()
         while True:
             try:
                 msg = self._shared.full.get(timeout=1.0)
                 break
             except queue.Empty:
                 if not self._proc.is_alive():
-                    raise CollectorError(f"the collector process exited (code {self._proc.exitcode})") from None
+                    code = getattr(self._proc, "exitcode", None)
+                    raise CollectorError(f"the collector exited (code {code})") from None
+                if self.steps_taken != steps:
+                    steps, since = self.steps_taken, time.monotonic()
+                elif time.monotonic() - since > self.stall_seconds:  # a wait must never be forever
+                    raise CollectorError(f"no env step came back for {self.stall_seconds:.0f} s "
+                                         "(an env worker or the collector is stuck)") from None
         if msg[0] == "error":
             raise CollectorError(msg[1])
         _, slot, stats = msg
@@ -319,7 +397,10 @@ class AsyncCollector:
         with self._shared.lock:
             with torch.no_grad():
                 for name, tensor in self._shared.model.state_dict().items():
-                    tensor.copy_(source[name])
+                    tensor.copy_(source[name])  # device to device in thread mode
+                if source and next(iter(source.values())).is_cuda:
+                    # The copies ran on the learner's stream; the actor's stream must see them done.
+                    torch.cuda.current_stream().synchronize()
             self._shared.version.value += 1
 
     def release(self, buffer: RolloutBuffer) -> None:
@@ -341,13 +422,18 @@ class AsyncCollector:
         if self._proc is not None:
             self._shared.stop.set()
             self._proc.join(timeout=10)
-            if self._proc.is_alive():
-                self._proc.terminate()
-                self._proc.join(timeout=1)
+            if isinstance(self._proc, threading.Thread):
+                sys.setswitchinterval(self._switch_interval)
+                if self._proc.is_alive():  # it waits on a pipe at most _POLL_S; dropping the workers ends it
+                    log.warning("the collector thread did not stop within 10 s")
+            else:
+                if self._proc.is_alive():
+                    self._proc.terminate()
+                    self._proc.join(timeout=1)
+                for q in (self._shared.free, self._shared.full):
+                    q.cancel_join_thread()
+                    q.close()
             self._proc = None
-            for q in (self._shared.free, self._shared.full):
-                q.cancel_join_thread()
-                q.close()
         if self._workers is not None:
             self._workers.close()
             self._workers = None

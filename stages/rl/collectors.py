@@ -146,8 +146,12 @@ class AsyncRollouts(RolloutCollector):
 
     def start(self, agent: RolloutAgent, gamma: float, gae_lambda: float, num_slots: int) -> None:
         self._gamma, self._gae_lambda = gamma, gae_lambda
+        # Where the behaviour policy infers: the trainer says (`PPOTrainer.collector_device`); None
+        # is a CPU process of its own.
         self.collector.start(agent.model, agent.adapter, agent.rollout_len, agent.action_dim, gamma,
-                             seed=agent.reset_seed(), num_slots=num_slots)
+                             seed=agent.reset_seed(), num_slots=num_slots,
+                             device=getattr(agent, "collector_device", None), bf16=getattr(agent, "bf16", False),
+                             graphs=getattr(agent, "cuda_graphs", True))
 
     def rollout(self, agent: RolloutAgent) -> tuple[RolloutBuffer, dict[str, float]]:
         buffer, stats = self.collector.get()

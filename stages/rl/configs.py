@@ -48,6 +48,16 @@ class PPOConfig(StrictModel):
     learner_threads: int | None = Field(
         None, ge=1, description="torch threads of the update; None: torch's default, or one core less "
                                 "with async_collection (the collector's inference has the other one)")
+    collector_device: Literal["auto", "learner", "cpu"] = Field(
+        "auto", description="where async_collection's behaviour policy infers: 'learner' = on the learner's "
+                            "device, in a thread of the learner's process (weights copied device to device); "
+                            "'cpu' = a collector process with a CPU copy; 'auto' = 'learner' when the learner "
+                            "is on CUDA, else 'cpu'")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the network's precision in the update and the behaviour policy (bf16 autocast; "
+                            "the distribution, ratio and losses stay fp32); 'auto' = bf16 on CUDA, fp32 on CPU")
+    cuda_graphs: bool = Field(True, description="replay the behaviour policy's forward as CUDA graphs (per "
+                                                "power-of-two batch) when it infers on a GPU")
     start_method: Literal["spawn", "forkserver", "fork"] | None = Field(
         None, description="multiprocessing start method of env workers; None: the platform default "
                           "(async_collection always uses spawn or forkserver, never fork)")

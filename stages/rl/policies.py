@@ -33,7 +33,7 @@ from models.distributions import LOG_STD_MAX, LOG_STD_MIN, SquashedGaussian
 
 FieldSpec = dict[str, tuple[tuple[int, ...], np.dtype]]
 
-__all__ = ["ObsAdapter", "DrivingObsAdapter", "EncodedDrivingAdapter", "EncodedDrivingPolicy", "BoxObsAdapter", "make_obs_adapter", "MLPActorCritic",
+__all__ = ["ObsAdapter", "DrivingObsAdapter", "EncodedDrivingAdapter", "EncodedDrivingPolicy", "BoxObsAdapter", "MixedPrecisionPolicy", "make_obs_adapter", "MLPActorCritic",
            "ActorCriticOutput", "mlp"]
 
 
@@ -157,20 +157,26 @@ class EncodedDrivingAdapter(DrivingObsAdapter):
 
     @torch.no_grad()
     def encode(self, obs: Any) -> dict[str, np.ndarray]:
-        from stages.training import trim_padding
-
         device = next(self.model.parameters()).device
         image = torch.as_tensor(np.asarray(obs["image"], dtype=np.uint8), device=device)
         _, vision_tokens = self.model.vision(image)
-        commands = [str(c) for c in obs["command"]]
+        return {"vision_tokens": vision_tokens.float().cpu().numpy(),
+                "text_features": self.text_features([str(c) for c in obs["command"]]),
+                "state": np.asarray(obs["state"], dtype=np.float32)}
+
+    @torch.no_grad()
+    def text_features(self, commands: Sequence[str]) -> np.ndarray:
+        """The text encoder's pooled feature of each command (a handful of distinct commands: each
+        goes through the encoder once)."""
+        from stages.training import trim_padding
+
         missing = [c for c in dict.fromkeys(commands) if c not in self._text_cache]
-        if missing:  # a handful of distinct commands: each goes through the text encoder once
+        if missing:
+            device = next(self.model.parameters()).device
             tokens = trim_padding(torch.as_tensor(self.tokens(missing), device=device))
             for c, feature in zip(missing, self.model.text(tokens).float().cpu().numpy()):
                 self._text_cache[c] = feature
-        return {"vision_tokens": vision_tokens.float().cpu().numpy(),
-                "text_features": np.stack([self._text_cache[c] for c in commands]),
-                "state": np.asarray(obs["state"], dtype=np.float32)}
+        return np.stack([self._text_cache[c] for c in commands])
 
     def bind(self, model: nn.Module) -> None:
         super().bind(model)
@@ -215,6 +221,45 @@ class EncodedDrivingPolicy(nn.Module):
         out = self(vision_tokens, text_features, state)
         dist = self.model.distribution(out.action_params)
         return dist.log_prob(actions), dist.entropy(), out.value
+
+
+class MixedPrecisionPolicy(nn.Module):
+    """A policy's RL interface with its network under bf16 autocast and its distribution in fp32.
+
+    The log-probabilities PPO takes a ratio of, and the entropy, are computed in fp32 from the
+    network's (bf16) outputs: a squashed Gaussian's log-density in bf16 would carry errors of the
+    order of the clip range. The behaviour policy (collection) and the update must use the same
+    wrapper, so the ratio of an unchanged policy stays at 1 up to the batch-size dependence of the
+    kernels (measured: ``ratio_dev`` in the update statistics). ``enabled=False`` is the plain policy.
+    """
+
+    def __init__(self, policy: nn.Module, model: nn.Module, device: str | torch.device, enabled: bool) -> None:
+        super().__init__()
+        self.policy, self.dist_owner = policy, model
+        self.device_type = torch.device(device).type
+        self.enabled = bool(enabled) and self.device_type == "cuda"
+
+    def _out(self, inputs: tuple[Tensor, ...]) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        # cache_enabled=False: the weight casts must be re-done inside a captured CUDA graph.
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.enabled, cache_enabled=False):
+            out = self.policy(*inputs)
+        return tuple(p.float() for p in out.action_params), out.value.float()
+
+    def forward(self, *inputs: Tensor) -> ActorCriticOutput:
+        params, value = self._out(inputs)
+        return ActorCriticOutput(params, value)
+
+    def act(self, *inputs: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        params, value = self._out(inputs)
+        dist = self.dist_owner.distribution(params)
+        action = dist.mode().detach() if deterministic else dist.sample()
+        return action, dist.log_prob(action), value
+
+    def evaluate_actions(self, *args: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        *inputs, actions = args
+        params, value = self._out(tuple(inputs))
+        dist = self.dist_owner.distribution(params)
+        return dist.log_prob(actions), dist.entropy(), value
 
 
 class _TokenizerOnly:

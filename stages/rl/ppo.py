@@ -54,7 +54,7 @@ from stages.rl.checkpoint import TrainingCheckpoint, capture_rng, restore_rng
 from stages.rl.collectors import AsyncRollouts, VectorRollouts, make_rollout_collector
 from stages.rl.configs import PPOConfig
 from stages.rl.scalars import ScalarWriter
-from stages.rl.policies import ObsAdapter, make_obs_adapter
+from stages.rl.policies import MixedPrecisionPolicy, ObsAdapter, make_obs_adapter
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,15 @@ class PPOTrainer:
             self.model.add_critic_fusion()
         # Frozen encoders: rollouts store the encoders' outputs, so updates skip the encoders.
         self.adapter: ObsAdapter = make_obs_adapter(self.model, obs_space, encoded=cfg.freeze_encoders)
-        self.policy = self.adapter.policy(self.model)
+        on_cuda = self.device.type == "cuda"
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_cuda)
+        # The network under bf16 autocast, the distribution (log-probabilities, ratio, entropy) in
+        # fp32; collection acts through the same wrapper, so behaviour and update agree.
+        self.policy = MixedPrecisionPolicy(self.adapter.policy(self.model), self.model, self.device, self.bf16)
         self._evaluate_actions = maybe_compile(self.policy.evaluate_actions, cfg.compile, self.device)
+        use_learner = cfg.collector_device == "learner" or (cfg.collector_device == "auto" and on_cuda)
+        self.collector_device: torch.device | None = self.device if use_learner else None
+        self.cuda_graphs = cfg.cuda_graphs
 
         if cfg.init_log_std is not None:
             self.model.set_log_std(cfg.init_log_std)
@@ -121,7 +128,7 @@ class PPOTrainer:
         critic = {id(p) for p in self.model.parameter_groups()["critic"]}
         self._non_value_params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in critic]
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
-                                          lr=cfg.learning_rate, eps=1e-5)
+                                          lr=cfg.learning_rate, eps=1e-5, fused=on_cuda)  # one kernel per step
         self.rng = np.random.default_rng(self.seed)
         self.global_step = 0
         self.updates = 0
@@ -155,12 +162,16 @@ class PPOTrainer:
         # Critic warm-up: the rollout's steps are already counted, so "<=" includes the last one.
         warmup = self.global_step <= cfg.value_warmup_steps
         epochs = 0
-        for _ in range(cfg.num_epochs):
-            epoch_kl: list[float] = []
-            for mb in buffer.minibatches(cfg.batch_size, self.device, self.rng):
+        for minibatches in buffer.epochs(cfg.num_epochs, cfg.batch_size, self.device, self.rng):
+            epoch_kl: list[torch.Tensor] = []
+            for mb in minibatches:
                 log_prob, entropy, value = self._evaluate_actions(*self.adapter.model_inputs(mb.obs), mb.actions)
                 log_ratio = log_prob - mb.log_probs
                 ratio = log_ratio.exp()
+                if "ratio_dev" not in stats:
+                    # Before any gradient step: with a lag-0 rollout (the first) this is the numeric
+                    # gap between the behaviour's and the update's forward (precision, batch size).
+                    stats["ratio_dev"] = [(ratio.detach() - 1).abs().max().item()]
                 adv = mb.advantages
                 if cfg.normalize_advantages and len(adv) > 1:
                     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
@@ -184,21 +195,24 @@ class PPOTrainer:
                         p.grad = None
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 self.optimizer.step()
+                # Statistics stay on the device until the epoch ends: a .item() per minibatch would
+                # stall the GPU while the host launches the next one.
                 with torch.no_grad():
-                    approx_kl = ((ratio - 1) - log_ratio).mean().item()  # the unbiased k3 estimator
-                epoch_kl.append(approx_kl)
-                stats["policy_loss"].append(pg_loss.item())
-                stats["value_loss"].append(v_loss.item())
-                stats["entropy"].append(ent.item())
-                stats["approx_kl"].append(approx_kl)
-                stats["clip_fraction"].append(((ratio - 1).abs() > cfg.clip_epsilon).float().mean().item())
+                    approx_kl = ((ratio - 1) - log_ratio).mean()  # the unbiased k3 estimator
+                    epoch_kl.append(approx_kl)
+                    stats["policy_loss"].append(pg_loss.detach())
+                    stats["value_loss"].append(v_loss.detach())
+                    stats["entropy"].append(ent.detach())
+                    stats["approx_kl"].append(approx_kl)
+                    stats["clip_fraction"].append(((ratio - 1).abs() > cfg.clip_epsilon).float().mean())
             epochs += 1
             # The KL averaged over the ranks: every rank takes the same decision, so none leaves
             # the gradient all-reduce while the others wait in it.
-            if cfg.target_kl is not None and self.dist.mean(float(np.mean(epoch_kl))) > cfg.target_kl:
+            if cfg.target_kl is not None and self.dist.mean(torch.stack(epoch_kl).mean().item()) > cfg.target_kl:
                 break
         self.updates += 1
-        out = {k: float(np.mean(v)) for k, v in stats.items()}
+        out = {k: float(np.mean(v)) if k == "ratio_dev" else torch.stack(v).float().mean().item()
+               for k, v in stats.items()}
         out["epochs"] = float(epochs)
         out["value_warmup"] = float(warmup)
         var = float(np.var(buffer.returns))
