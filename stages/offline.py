@@ -319,7 +319,9 @@ def _init(cfg: PipelineConfig, dist: Distributed) -> _Training:
     t.val = load_split_arrays(built, "val")
     # Compiled: the model's forward (and so its backward); `model` itself stays plain for saving.
     t.forward = maybe_compile(fp32_forward(model), o.compile, device)
-    dagger.prepare(o, fresh=state is None)
+    if dist.is_main:
+        dagger.prepare(o, fresh=state is None)
+    dist.barrier()
     if o.select_episodes and dist.is_main:
         t.keeper = BestPolicyKeeper(model, lambda: _closed_loop_score(t), RUN_DIR, key=t.resume.key)
         if state is not None:
@@ -351,7 +353,8 @@ def _init_from_data(t: _Training, train: SplitArrays) -> None:
 def _train_epoch(t: _Training, epoch: int) -> tuple[dict[str, float], int]:
     """One pass over the train split; the logged parts' sums over every rank, and the sample count."""
     o, dist = t.o, t.dist
-    if o.dagger_rounds and dagger.aggregate(t.model, t.cfg, t.train_ds, epoch, t.start_epoch, t.resume.key, t.device):
+    if o.dagger_rounds and dagger.aggregate(t.model, t.cfg, t.train_ds, epoch, t.start_epoch, t.resume.key, t.device,
+                                           dist):
         t.loader = make_loader(t.train_ds, o.batch_size, t.cfg.data.num_workers,
                                pin_memory=t.device.startswith("cuda"), rank=dist.rank, world_size=dist.world_size)
     t.model.train()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -174,20 +173,24 @@ def prepare(o: Any, fresh: bool) -> None:
 
 
 def aggregate(model: Any, cfg: Any, dataset: ShardedDataset, epoch: int, start_epoch: int, key: str,
-              device: str = "cpu") -> int:
+              device: str = "cpu", dist: Any = None) -> int:
     """Before ``epoch``: record the rounds due now (and, on a resumed run's first epoch, add the rounds
-    recorded before it) into ``dataset``; return the samples added (0: nothing due)."""
+    recorded before it) into ``dataset``; return the samples added (0: nothing due). Under torchrun
+    (``dist``, `stages.accel.Distributed`) rank 0 drives and writes, the other ranks read its round."""
     o = cfg.offline
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("offline.dagger_rounds > 0 runs in one process only (every rank would drive and write "
-                         "the same rounds): set offline.dagger_rounds=0 under torchrun")
+    main = dist is None or dist.is_main
     added = 0
     for index, at in enumerate(round_epochs(o)):
         if at > epoch or (at < epoch and epoch != start_epoch):
             continue
-        manifest = record_round(model, cfg.env, o.dagger_out, index, episodes=o.dagger_episodes, seed=cfg.seed,
-                                horizon=cfg.model.trajectory_length, stride=cfg.data.waypoint_stride,
-                                beta=o.dagger_beta, key=f"{key}-{index}", shard_size=cfg.data.shard_size,
-                                reuse=at < epoch, device=device)
+        if main:
+            manifest = record_round(model, cfg.env, o.dagger_out, index, episodes=o.dagger_episodes, seed=cfg.seed,
+                                    horizon=cfg.model.trajectory_length, stride=cfg.data.waypoint_stride,
+                                    beta=o.dagger_beta, key=f"{key}-{index}", shard_size=cfg.data.shard_size,
+                                    reuse=at < epoch, device=device)
+        if dist is not None:
+            dist.barrier()
+        if not main:
+            manifest = json.loads((round_dir(o.dagger_out, index) / MANIFEST).read_text())
         added += extend_dataset(dataset, o.dagger_out, manifest)
     return added
