@@ -52,6 +52,9 @@ class EnvConfig(StrictModel):
     view: ViewName = Field("heading_up", description="heading_up: ego-centred, driving direction up; "
                                                      "world: highway-env's fixed world axes")
     view_distance: float | None = Field(None, gt=5, le=300, description="metres the image spans; None = scenario default")
+    offset_reference: Literal["lane", "route"] = Field(
+        "lane", description="the state's lateral offset and heading error: to the lane the car is in, or to the "
+                            "lane the route wants (they differ during a lane change; highway backend)")
 
     @model_validator(mode="after")
     def _frequencies_divide(self) -> EnvConfig:

@@ -23,7 +23,7 @@ ACTION_HIGH = np.array([1.0, 1.0, 1.0], dtype=np.float32)
 
 STATE_FIELDS: tuple[str, ...] = (
     "speed",               # m/s, along the heading
-    "lateral_offset",      # m from the centre of the lane the route wants, positive to the right
+    "lateral_offset",      # m from the lane centre (env.offset_reference: the current or the wanted lane), positive right
     "heading_error",       # rad, ego heading minus that lane's direction, positive to the right
     "last_throttle",
     "last_steer",

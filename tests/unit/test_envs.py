@@ -286,10 +286,10 @@ def test_state_signs_match_the_geometry():
     assert math.isclose(info["heading_error"], obs["state"][S["heading_error"]], abs_tol=1e-5)
 
 
-def test_state_offset_is_to_the_lane_the_route_wants_during_a_lane_change():
+def test_state_offset_can_be_to_the_lane_the_route_wants_during_a_lane_change():
     # The observation's offset keeps one sign until a lane change is done (the info's stays to the
     # nearest lane), so "steer towards the wanted lane" follows from the state.
-    env = make_env(EnvConfig(scenario="highway", image_size=32, max_episode_steps=60))
+    env = make_env(EnvConfig(scenario="highway", image_size=32, max_episode_steps=60, offset_reference="route"))
     obs, info = env.reset(seed=0, options={"command": "change to the left lane"})
     base = env.unwrapped
     assert base.route.desired_lane_id() == base.route.lane_id - 1
@@ -298,3 +298,7 @@ def test_state_offset_is_to_the_lane_the_route_wants_during_a_lane_change():
     assert obs["state"][1] == pytest.approx(info["lane_deviation"] + 4.0, abs=0.3)
     assert abs(info["lane_deviation"]) < 0.5
     env.close()
+    lane = make_env(EnvConfig(scenario="highway", image_size=32, max_episode_steps=60))    # the default
+    obs, info = lane.reset(seed=0, options={"command": "change to the left lane"})
+    assert obs["state"][1] == pytest.approx(info["lane_deviation"], abs=1e-5)
+    lane.close()

@@ -105,11 +105,11 @@ class DrivingEnv(DrivingEnvBase):
         return not self.on_road()
 
     def _tracking_error(self, info: dict[str, Any]) -> tuple[float, float]:
-        # During a lane change the nearest lane's offset points the wrong way half of the time (it flips
-        # sign as the car crosses the marking); the offset to the lane the route wants keeps one sign
-        # until the change is done, so the expert's steering follows from it (R² 0.30 against 0.06).
+        # With ``offset_reference="route"``: during a lane change the nearest lane's offset flips sign as
+        # the car crosses the marking; the offset to the lane the route wants keeps one sign until the
+        # change is done, so the expert's steering follows from it (linear R² 0.30 against 0.06).
         r, ego = self.route, self.ego
-        if r.desired_lane_id() == r.lane_id:
+        if self.cfg.offset_reference == "lane" or r.desired_lane_id() == r.lane_id:
             return float(info["lane_deviation"]), float(info["heading_error"])
         lane = r.path_lanes(1, desired=True)[0][0]
         s, lat = lane.local_coordinates(ego.position)
