@@ -284,7 +284,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {"evaluate": {"scenarios": ["highway", "urban", "night", "rain"], "episodes": 2,
                           "command_scenarios": ["highway", "urban"]},
              # Stage 2 that keeps the road (docs/data-and-offline.md §5; held-out route completion 0.70 /
-             # 0.78 / 0.81 on seeds 0-2 against 0.29 / 0.74 / … before): the offset to the lane the route
+             # 0.78 / 0.81 on seeds 0-2 against 0.29 / 0.74 / 0.41 before): the offset to the lane the route
              # wants, the state straight into the features, three DAgger rounds, and the epoch that drives
              # best on 16 validation episodes kept.
              "env": {"offset_reference": "route"},
