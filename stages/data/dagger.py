@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from stages.common import staged_dir, torch_threads, write_json
 from stages.data.build import sim_episode_samples
@@ -38,7 +37,7 @@ from stages.data.dataset import MANIFEST
 from stages.data.recorder import record_episode
 from stages.data.shards import ShardedDataset, ShardWriter
 from stages.envs import ExpertDriver, make_env
-from stages.training import TokenCache
+from stages.rl.evaluation import policy_actor
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +51,6 @@ def highway_expert() -> Expert:
     """The scripted expert of the highway backend as a labeller (noise-free)."""
     driver = ExpertDriver(noise=0.0)
     return driver.act
-
-
-def learner_action(model: Any, device: str = "cpu") -> Callable[[dict[str, Any]], np.ndarray]:
-    """The policy's deterministic action (its mode) for one observation."""
-    tokens = TokenCache(model)
-
-    @torch.no_grad()
-    def act(obs: dict[str, Any]) -> np.ndarray:
-        image = torch.as_tensor(obs["image"][None], device=device)
-        state = torch.as_tensor(obs["state"][None], device=device)
-        action, _, _ = model.act(image, state, tokens([str(obs["command"])], device), deterministic=True)
-        return action[0].cpu().numpy()
-
-    return act
 
 
 def drive_labelled(env: Any, act: Callable[[dict[str, Any]], np.ndarray], expert: Expert, seed: int,
@@ -108,7 +93,7 @@ def record_round(model: Any, env_cfg: Any, out: str | Path, index: int, *, episo
             return manifest
     first = SEED_BASE + 10_000 * seed + 1_000 * index
     expert = expert or highway_expert()
-    act = learner_action(model, device)
+    act = policy_actor(model, device)
     rng = np.random.default_rng([seed, index])
     env = make_env(env_cfg, seed=first)
     entries, t0 = [], time.perf_counter()

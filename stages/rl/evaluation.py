@@ -14,9 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.common import torch_threads  # noqa: F401  (re-exported: the stages import it from here)
-from stages.envs.base import step_seconds  # noqa: F401  (re-exported: the evaluate stage imports it from here)
-from stages.metrics.driving_score import OUTSIDE_LANES_KEYS, collision_counts, count_events, summarise
+from stages.common import torch_threads
+from stages.envs.base import step_seconds
+from stages.metrics.driving_score import (
+    OUTSIDE_LANES_KEYS,
+    collision_counts,
+    count_events,
+    summarise,
+)
 from stages.training import TokenCache
 
 log = logging.getLogger(__name__)
@@ -28,6 +33,21 @@ BLOCKED_SPEED = 0.1        # m/s
 
 def _speed(info: dict[str, Any]) -> float:
     return float(info.get("speed", 0.0))
+
+
+def policy_actor(model: torch.nn.Module, device: str | torch.device = "cpu", deterministic: bool = True
+                 ) -> Any:
+    """``act(obs) -> action``: the model's action (its mode when ``deterministic``) for one observation."""
+    tokens = TokenCache(model)
+
+    @torch.no_grad()
+    def act(obs: dict[str, Any]) -> np.ndarray:
+        image = torch.as_tensor(obs["image"][None], device=device)
+        state = torch.as_tensor(obs["state"][None], device=device)
+        action, _, _ = model.act(image, state, tokens([str(obs["command"])], device), deterministic=deterministic)
+        return action[0].cpu().numpy()
+
+    return act
 
 
 @torch.no_grad()
@@ -48,7 +68,7 @@ def rollout_policy(model: torch.nn.Module, env: Any, seed: int, deterministic: b
     (``{"t", "speed", "command"}`` per frame); without it both are empty lists.
     """
     model.eval()
-    tokens = TokenCache(model)
+    act = policy_actor(model, device, deterministic)
     dt = step_seconds(env)
     obs, info = env.reset(seed=seed)
     counters = [dict(info.get("infractions", {}))]
@@ -66,10 +86,7 @@ def rollout_policy(model: torch.nn.Module, env: Any, seed: int, deterministic: b
     while True:
         if keep_frames:
             keep(obs, info)
-        image = torch.as_tensor(obs["image"][None], device=device)
-        state = torch.as_tensor(obs["state"][None], device=device)
-        action, _, _ = model.act(image, state, tokens([str(obs["command"])], device), deterministic=deterministic)
-        obs, reward, terminated, truncated, info = env.step(action[0].cpu().numpy())
+        obs, reward, terminated, truncated, info = env.step(act(obs))
         total += float(reward)
         steps += 1
         # Odometry from the pose where the backend gives one (exact along curves), else speed * dt.
