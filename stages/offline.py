@@ -251,7 +251,7 @@ def _run(cfg: PipelineConfig, dist: Distributed) -> dict[str, Any]:
         _end_epoch(t, epoch, *_train_epoch(t, epoch))
     selected = t.keeper.restore() if t.keeper is not None else None   # the best-driving epoch's weights
     reports, metrics = _final_metrics(t, time.perf_counter() - t0)
-    if selected is not None:
+    if selected is not None and selected["best_step"] >= 0:
         metrics.update(selected_epoch=selected["best_step"], val_closed_loop_route_completion=selected["best_score"])
     if dist.is_main:  # one writer: DVC's outputs, the metrics and the resume state
         _write_outputs(t, reports, metrics)

@@ -103,7 +103,8 @@ class BestPolicyKeeper:
 
     def restore(self) -> dict[str, Any]:
         """Load the best weights into the model; returns the score, its step and the validation history."""
-        if self.weights_path.is_file():
+        # Only weights this run scored (or took over): a file of an earlier run it never scored stays out.
+        if self.best_step >= 0 and self.weights_path.is_file():
             state = load_file(str(self.weights_path))
             device = next(self.model.parameters()).device
             self.model.load_state_dict({k: v.to(device) for k, v in state.items()})

@@ -78,3 +78,14 @@ def test_set_log_std_makes_the_spread_state_independent():
     mlp = MLPActorCritic(3, [-1, -1], [1, 1])
     mlp.set_log_std(-2.5)
     assert torch.allclose(mlp.policy_params(torch.zeros(2, 3))[1], torch.full((2, 2), -2.5))
+
+
+def test_a_keeper_that_never_scored_leaves_the_weights_alone_despite_an_earlier_runs_file(tmp_path):
+    earlier = BestPolicyKeeper(MLPActorCritic(4, [-1, -1], [1, 1]), lambda: 1.0, tmp_path, key="k")
+    earlier.start()     # writes best.safetensors of other weights
+    model = MLPActorCritic(4, [-1, -1], [1, 1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = BestPolicyKeeper(model, lambda: 0.0, tmp_path, key="k")   # a fresh run that never scored
+    assert fresh.restore()["best_step"] == -1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
